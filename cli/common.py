@@ -1,0 +1,62 @@
+"""Shared CLI plumbing: consoles, JSON output, and errors as messages."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="Checkpoint directory (from `knowedit train`).")]
+LedgerOpt = Annotated[
+    str | None, typer.Option("--ledger", help="Ledger path or SQLAlchemy URL [default: MODEL/ledger.db].")
+]
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that are the user's input, shown as one message and exit 1."""
+    from knowedit.ledger import LedgerError
+
+    return (ValueError, LedgerError, OSError, KeyError)
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def friendly(fn: F) -> F:
+    """Turn user errors into a clear message and a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            raise fail("interrupted", 130) from None
+        except Exception as err:  # noqa: BLE001 - filtered just below
+            if isinstance(err, user_errors()):
+                msg = str(err) or type(err).__name__
+                if isinstance(err, KeyError):
+                    msg = f"not found: {msg}"
+                raise fail(msg) from None
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")

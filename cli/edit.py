@@ -1,0 +1,102 @@
+"""``knowedit edit apply`` and ``knowedit edit revert``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from knowedit.cli.common import JsonOpt, LedgerOpt, ModelOpt, console, emit_json, fail, friendly
+
+app = typer.Typer(help="Apply and revert edits.", no_args_is_help=True)
+
+
+def _record_row(rec: object) -> dict:
+    d = rec.to_dict()  # type: ignore[attr-defined]
+    d["slots"] = [list(s) for s in d["slots"]]
+    return d
+
+
+@app.command("apply")
+@friendly
+def apply(
+    model: ModelOpt,
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="The fact's prompt.")] = None,
+    target: Annotated[str | None, typer.Option("--target", "-t", help="The new answer.")] = None,
+    subject: Annotated[str | None, typer.Option("--subject", "-s", help="Subject as written in the prompt.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="EasyEdit-format JSON or JSONL requests.")] = None,
+    ledger: LedgerOpt = None,
+    top_t: Annotated[int, typer.Option(help="Value rows to update per edit.")] = 64,
+    max_steps: Annotated[int, typer.Option(help="Optimisation step budget per edit.")] = 60,
+    conflict: Annotated[str, typer.Option(help="Slots owned by live edits: avoid or joint.")] = "avoid",
+    author: Annotated[str | None, typer.Option(help="Recorded in the ledger.")] = None,
+    note: Annotated[str | None, typer.Option(help="Free text recorded in the ledger.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Apply one edit (--prompt/--target) or many (--file), each logged in the ledger."""
+    from knowedit.editor import Editor
+
+    if (file is None) == (prompt is None and target is None):
+        raise fail("give either --prompt and --target, or --file")
+    if file is None and (prompt is None or target is None):
+        raise fail("--prompt and --target go together")
+    opts = {"top_t": top_t, "max_steps": max_steps, "conflict": conflict}
+    with Editor.open(model, ledger=ledger, author=author) as ed:
+        if file is None:
+            recs = [ed.edit(prompt, target, subject, note=note, **opts)]  # type: ignore[arg-type]
+        else:
+            from knowedit.data import load_records
+
+            reqs = load_records(file)
+            with Progress(
+                TextColumn("editing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=console, disable=json_out, transient=True,
+            ) as bar:
+                task = bar.add_task("edit", total=len(reqs))
+                recs = ed.edit_many(reqs, on_edit=lambda _r: bar.advance(task), **opts)
+    if json_out:
+        rows = [_record_row(r) for r in recs]
+        emit_json(rows[0] if file is None else rows)
+        return
+    table = Table(title=f"{len(recs)} edit(s) applied")
+    for col in ("id", "prompt", "target", "slots", "steps", "p before", "p after", "ok", "ms"):
+        table.add_column(col)
+    for r in recs:
+        m = r.metrics
+        table.add_row(
+            r.id, r.prompt, r.target_new, str(len(r.slots)), str(m["steps"]), f"{m['prob_before']:.3f}",
+            f"{m['prob_after']:.3f}", "yes" if m["success"] else "[red]no[/]", f"{m['total_ms']:.0f}",
+        )
+    console.print(table)
+    for r in recs:
+        for c in r.conflicts:
+            console.print(f"[yellow]{r.id}: shared slots with live edit {c['edit']} ({len(c['slots'])}), {c['resolution']}[/]")
+
+
+@app.command("revert")
+@friendly
+def revert(
+    model: ModelOpt,
+    edit_id: Annotated[str | None, typer.Argument(help="The edit to revert.")] = None,
+    cascade: Annotated[bool, typer.Option("--cascade", help="First revert later edits that changed the same slots.")] = False,
+    to: Annotated[str | None, typer.Option("--to", help="Return to the state right after this edit.")] = None,
+    ledger: LedgerOpt = None,
+    author: Annotated[str | None, typer.Option(help="Recorded in the ledger.")] = None,
+    note: Annotated[str | None, typer.Option(help="Free text recorded in the ledger.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Revert an edit bit for bit (or, with --to, every edit after one)."""
+    from knowedit.editor import Editor
+
+    if (edit_id is None) == (to is None):
+        raise fail("give an edit ID, or --to ID")
+    with Editor.open(model, ledger=ledger, author=author) as ed:
+        done = ed.revert(edit_id, cascade=cascade, note=note) if edit_id else ed.revert_to(to, note=note)  # type: ignore[arg-type]
+        live = ed.live_edits()
+    if json_out:
+        emit_json({"reverted": done, "live_edits": live})
+    else:
+        console.print(f"reverted {', '.join(done) if done else 'nothing'}; {len(live)} live edit(s) remain")

@@ -1,0 +1,129 @@
+"""``knowedit ledger list|show|verify|export``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from knowedit.cli.common import JsonOpt, LedgerOpt, ModelOpt, console, emit_json, fail, friendly
+
+app = typer.Typer(help="Inspect, verify and export the edit ledger.", no_args_is_help=True)
+
+
+def _open_ledger(model: Path, ledger: str | None):  # noqa: ANN202
+    """The ledger, checked against the model's base fingerprint, without creating one."""
+    from knowedit.checkpoint import MODEL_FILE, file_sha256
+    from knowedit.ledger import Ledger
+
+    if not (model / MODEL_FILE).is_file():
+        raise fail(f"{model} is not a knowedit checkpoint (missing {MODEL_FILE})")
+    url = ledger if ledger is not None else str(model / "ledger.db")
+    if ledger is None and not Path(url).is_file():
+        raise fail(f"no ledger at {url}: no edit has been applied yet")
+    return Ledger(url, file_sha256(model / MODEL_FILE), create=False)
+
+
+def _summary(ev: object, live: set[str]) -> dict:
+    e = ev  # an Event
+    return {
+        "seq": e.seq, "kind": e.kind, "id": e.edit_id, "created_at": e.created_at, "author": e.author,
+        "prompt": e.request.get("prompt"), "target_new": e.request.get("target_new"),
+        "slots": len(e.rows), "live": e.kind == "apply" and e.edit_id in live,
+    }
+
+
+@app.command("list")
+@friendly
+def list_(model: ModelOpt, ledger: LedgerOpt = None, json_out: JsonOpt = False) -> None:
+    """List every event, oldest first."""
+    led = _open_ledger(model, ledger)
+    events = led.events()
+    live = {e.edit_id for e in led.live_edits()}
+    rows = [_summary(e, live) for e in events]
+    led.close()
+    if json_out:
+        emit_json(rows)
+        return
+    table = Table(title=f"ledger: {len(rows)} event(s), {len(live)} live edit(s)")
+    for col in ("seq", "kind", "id", "when", "prompt", "target", "slots", "live"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            str(r["seq"]), r["kind"], r["id"], r["created_at"][:19], r["prompt"] or "", r["target_new"] or "",
+            str(r["slots"]), "yes" if r["live"] else "",
+        )
+    console.print(table)
+
+
+@app.command("show")
+@friendly
+def show(
+    edit_id: Annotated[str, typer.Argument(help="Edit id.")],
+    model: ModelOpt,
+    ledger: LedgerOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show one edit: request, settings, metrics and the slots it changed."""
+    led = _open_ledger(model, ledger)
+    ev = led.get(edit_id)
+    out = {
+        "id": ev.edit_id, "seq": ev.seq, "created_at": ev.created_at, "author": ev.author, "note": ev.note,
+        "live": led.is_live(edit_id), "method": ev.method, "request": ev.request, "settings": ev.settings,
+        "metrics": ev.metrics, "hash": ev.hash,
+        "rows": [
+            {"pool": r.pool, "slot": r.slot, "dtype": str(r.after.dtype).removeprefix("torch."),
+             "change_l2": float((r.after.float() - r.before.float()).norm())}
+            for r in ev.rows
+        ],
+    }
+    led.close()
+    if json_out:
+        emit_json(out)
+        return
+    console.print_json(json.dumps({k: v for k, v in out.items() if k != "rows"}, default=str))
+    console.print(f"{len(out['rows'])} row(s) changed: " + ", ".join(f"{r['pool']}[{r['slot']}]" for r in out["rows"][:20]))
+
+
+@app.command("verify")
+@friendly
+def verify(model: ModelOpt, ledger: LedgerOpt = None, json_out: JsonOpt = False) -> None:
+    """Recompute the hash chain and check the live rows equal base + the live edits."""
+    from knowedit.editor import Editor
+
+    if ledger is None and not (model / "ledger.db").is_file():
+        raise fail(f"no ledger at {model / 'ledger.db'}: no edit has been applied yet")
+    with Editor.open(model, ledger=ledger) as ed:
+        problems = ed.verify()
+        n = len(ed.history())
+    if json_out:
+        emit_json({"ok": not problems, "events": n, "problems": problems})
+    elif problems:
+        for p in problems:
+            console.print(f"[red]{p}[/]", highlight=False)
+    else:
+        console.print(f"[green]ledger verified[/]: {n} event(s), chain intact, live rows = base + live edits")
+    if problems:
+        raise typer.Exit(1)
+
+
+@app.command("export")
+@friendly
+def export(
+    model: ModelOpt,
+    ledger: LedgerOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write JSONL here [default: stdout].")] = None,
+) -> None:
+    """Export every event as JSONL (rows as base64 bytes with dtype and shape)."""
+    led = _open_ledger(model, ledger)
+    if out is None:
+        led.export_jsonl(sys.stdout)
+    else:
+        with open(out, "w", encoding="utf-8") as f:
+            n = led.export_jsonl(f)
+        console.print(f"wrote {n} event(s) to {out}")
+    led.close()

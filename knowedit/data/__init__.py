@@ -1,0 +1,24 @@
+"""Facts in, training text out: the synthetic world, EasyEdit records and corpora."""
+
+from knowedit.data.records import (
+    EditRequest,
+    Example,
+    RecordError,
+    load_records,
+    request_from_dict,
+    requests_from,
+    true_fact_examples,
+)
+from knowedit.data.world import FactWorld, make_world
+
+__all__ = [
+    "EditRequest",
+    "Example",
+    "FactWorld",
+    "RecordError",
+    "load_records",
+    "make_world",
+    "request_from_dict",
+    "requests_from",
+    "true_fact_examples",
+]

@@ -1,0 +1,468 @@
+"""The Editor: locate a fact's slots, update only those rows, log every edit in
+the ledger, and roll any edit back bit for bit.
+
+The base checkpoint on disk never changes. The ledger is the source of truth:
+the live model is the base plus a replay of the live edits, so an edit is
+committed exactly when its ledger transaction commits (crash-safe by
+construction), and two processes serialise on the ledger's write lock,
+each replaying the other's events before it edits.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from knowedit.checkpoint import STATS_FILE, Checkpoint, load_checkpoint, save_checkpoint
+from knowedit.data.records import EditRequest, Example, requests_from
+from knowedit.inference import PromptError, encode_pair, greedy, teacher_forced
+from knowedit.ledger import Event, Ledger, LedgerError, RowChange
+from knowedit.locate import KeySearch, Location, locate, slots_by_pool, trace_fact
+from knowedit.stats import SlotStats, compute_slot_stats
+from knowedit.update import EditOptions, optimise_rows
+
+CORPUS_FILE = "corpus.jsonl"
+STATS_DOCS_FILE = "slot_stats_docs.jsonl"
+LEDGER_FILE = "ledger.db"
+
+
+class EditError(ValueError):
+    """An edit or revert that cannot be done; nothing was changed."""
+
+
+@dataclass
+class EditRecord:
+    """What one applied edit did."""
+
+    id: str
+    prompt: str
+    target_new: str
+    subject: str | None
+    slots: list[tuple[str, int]]
+    metrics: dict
+    conflicts: list[dict] = field(default_factory=list)
+    seq: int = 0
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def read_examples(path: Path) -> list[Example]:
+    with open(path, encoding="utf-8") as f:
+        return [Example(**json.loads(line)) for line in f if line.strip()]
+
+
+def write_examples(path: Path, examples: Iterable[Example]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for e in examples:
+            f.write(json.dumps({"prompt": e.prompt, "answer": e.answer}, ensure_ascii=False) + "\n")
+
+
+def build_stats(ck: Checkpoint, docs: list[Example], on_batch: Callable[[int], None] | None = None) -> SlotStats:
+    """Compute background slot statistics over ``docs`` and store them in the checkpoint dir."""
+    stats = compute_slot_stats(ck.model, ck.codec, docs, on_batch=on_batch)
+    stats.save(ck.path / STATS_FILE)
+    write_examples(ck.path / STATS_DOCS_FILE, docs)
+    return stats
+
+
+class Editor:
+    """Edit the facts of a memory-layer model; see :meth:`open`."""
+
+    def __init__(self, ck: Checkpoint, ledger: Ledger, stats: SlotStats | None, docs: list[Example], author: str | None) -> None:
+        self.ck = ck
+        self.model = ck.model
+        self.codec = ck.codec
+        self.ledger = ledger
+        self.stats = stats
+        self.docs = docs
+        self.author = author
+        self.search = KeySearch(self.model)
+        self.pools = {p.name: p.values for p in self.model.pools.values()}
+        self.base = {name: v.detach().clone() for name, v in self.pools.items()}
+        self._applies: dict[str, Event] = {}
+        self._live: dict[str, Event] = {}
+        self._reads: dict[str, dict[str, set[int]]] = {}
+        self._seq = 0
+        self._sync(self.ledger.events())
+
+    # ------------------------------------------------------------------ open
+    @classmethod
+    def open(
+        cls,
+        model_dir: str | Path,
+        ledger: str | None = None,
+        device: str = "cpu",
+        author: str | None = None,
+    ) -> Editor:
+        """Open a checkpoint directory for editing and replay its ledger.
+
+        Args:
+            model_dir: a directory written by ``knowedit train``.
+            ledger: a path or SQLAlchemy URL; default ``model_dir/ledger.db``.
+            device: where the model runs.
+            author: recorded with every event this Editor writes.
+
+        If the directory has no ``slot_stats.safetensors`` but has its training
+        corpus, background statistics are computed and stored first (what
+        ``knowedit stats`` does).
+        """
+        ck = load_checkpoint(model_dir, device=device)
+        stats, docs = None, []
+        if (ck.path / STATS_FILE).is_file() and (ck.path / STATS_DOCS_FILE).is_file():
+            try:
+                stats = SlotStats.load(ck.path / STATS_FILE)
+            except Exception as err:
+                raise EditError(f"{ck.path / STATS_FILE} is unreadable ({err}); rerun `knowedit stats`") from None
+            docs = read_examples(ck.path / STATS_DOCS_FILE)
+        elif (ck.path / CORPUS_FILE).is_file():
+            docs = read_examples(ck.path / CORPUS_FILE)
+            stats = build_stats(ck, docs)
+        url = ledger if ledger is not None else str(ck.path / LEDGER_FILE)
+        return cls(ck, Ledger(url, ck.fingerprint), stats, docs, author)
+
+    def close(self) -> None:
+        self.ledger.close()
+
+    def __enter__(self) -> Editor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------- live state
+    def _write(self, rows: list[RowChange], which: str) -> None:
+        with torch.no_grad():
+            for r in rows:
+                self.pools[r.pool][r.slot] = getattr(r, which).to(self.pools[r.pool].device)
+
+    def _sync(self, events: list[Event]) -> None:
+        """Apply events this process has not seen yet (other processes' edits)."""
+        for ev in events:
+            if ev.seq <= self._seq:
+                continue
+            if ev.kind == "apply":
+                self._write(ev.rows, "after")
+                self._applies[ev.edit_id] = ev
+                self._live[ev.edit_id] = ev
+            else:
+                self._write(self._applies[ev.edit_id].rows, "before")
+                self._live.pop(ev.edit_id, None)
+            self._seq = ev.seq
+
+    def _owned(self) -> dict[str, dict[int, str]]:
+        """pool -> slot -> id of the newest live edit that changed it."""
+        out: dict[str, dict[int, str]] = {}
+        for ev in sorted(self._live.values(), key=lambda e: e.seq):
+            for r in ev.rows:
+                out.setdefault(r.pool, {})[r.slot] = ev.edit_id
+        return out
+
+    def _reads_of(self, ev: Event) -> dict[str, set[int]]:
+        if ev.edit_id not in self._reads:
+            req = ev.request
+            trace, pos = trace_fact(self.model, self.codec, req["prompt"], req["target_new"], req.get("subject"), True)
+            self._reads[ev.edit_id] = {}
+            for tr in trace:
+                self._reads[ev.edit_id].setdefault(tr.pool, set()).update(tr.slots[0, pos].flatten().tolist())
+        return self._reads[ev.edit_id]
+
+    # ----------------------------------------------------------------- ask
+    def ask(self, prompt: str, max_new_tokens: int = 8) -> str:
+        """Greedy completion of ``prompt`` by the live (edited) model."""
+        return greedy(self.model, self.codec, [prompt], max_new_tokens=max_new_tokens)[0]
+
+    def locate(
+        self, prompt: str, target: str, subject: str | None = None, widen: int = 1, use_subject: bool = True,
+        idf_source: str = "any",
+    ) -> Location:
+        """Rank the slots ``prompt`` reads while predicting ``target`` (see :func:`knowedit.locate.locate`)."""
+        return locate(self.model, self.codec, self.search, self.stats, prompt, target, subject, widen, use_subject, idf_source)
+
+    # ---------------------------------------------------------------- edit
+    def _guards(self, req: EditRequest, chosen: dict[str, torch.Tensor], overlapping: set[str], n: int) -> list[Example]:
+        """Facts that must keep their answers: background readers of the chosen
+        slots (not the edited subject's) and live edits that read them."""
+        out: list[Example] = []
+        for ev in self._live.values():
+            reads = self._reads_of(ev)
+            if ev.edit_id in overlapping or any(
+                set(ids.tolist()) & reads.get(pool, set()) for pool, ids in chosen.items()
+            ):
+                out.append(Example(ev.request["prompt"], ev.request["target_new"]))
+        if self.stats is not None and n > 0:
+            counts: Counter[int] = Counter()
+            for pool, ids in chosen.items():
+                if pool in self.stats.inv_ptr:
+                    counts.update(self.stats.readers(pool, ids).tolist())
+            for doc, _ in counts.most_common():
+                if len(out) >= n:
+                    break
+                ex = self.docs[doc]
+                if ex.prompt == req.prompt.strip() or (req.subject and req.subject in ex.prompt):
+                    continue
+                out.append(ex)
+        return out
+
+    def _options(self, options: Mapping[str, object]) -> EditOptions:
+        known = {f.name for f in fields(EditOptions)}
+        bad = sorted(set(options) - known)
+        if bad:
+            raise EditError(f"unknown edit option(s) {bad}; known: {sorted(known)}")
+        opts = EditOptions(**options)  # type: ignore[arg-type]
+        if opts.top_t < 1 or opts.widen < 1 or opts.max_steps < 0:
+            raise EditError("top_t and widen must be >= 1, max_steps >= 0")
+        if opts.conflict not in ("avoid", "joint"):
+            raise EditError("conflict must be 'avoid' or 'joint'")
+        return opts
+
+    def _check(self, req: EditRequest) -> None:
+        encode_pair(self.codec, req.prompt, req.target_new, self.model.cfg.max_seq_len)
+
+    def edit(self, prompt: str, target_new: str, subject: str | None = None, *, note: str | None = None, **options: object) -> EditRecord:
+        """Make ``prompt`` answer ``target_new`` by updating a few value rows.
+
+        Args:
+            prompt: the fact's prompt, e.g. "The mother tongue of Danielle Darrieux is".
+            target_new: the new answer.
+            subject: the subject as written in the prompt (improves locating).
+            note: free text stored in the ledger.
+            **options: :class:`knowedit.update.EditOptions` fields.
+
+        Returns:
+            The :class:`EditRecord` (id, slots, metrics, conflicts).
+
+        Raises:
+            PromptError, EditError: bad input; nothing is changed.
+        """
+        return self.apply(EditRequest(prompt=prompt, target_new=target_new, subject=subject), note=note, **options)
+
+    def apply(self, req: EditRequest, note: str | None = None, **options: object) -> EditRecord:
+        """Apply one :class:`EditRequest` (see :meth:`edit`)."""
+        opts = self._options(options)
+        if req.subject is not None and req.subject not in req.prompt:
+            raise EditError(f"subject {req.subject!r} does not occur in the prompt")
+        self._check(req)
+        with self.ledger.transaction() as txn:
+            t_start = time.perf_counter()
+            self._sync(txn.events(after_seq=self._seq))
+            t0 = time.perf_counter()
+            loc = self.locate(req.prompt, req.target_new, req.subject, opts.widen, opts.use_subject, opts.idf_source)
+            owned = self._owned()
+            naive = loc.top(opts.top_t)
+            clash: dict[str, list[tuple[str, int]]] = {}
+            for s in naive:
+                eid = owned.get(s.pool, {}).get(s.slot)
+                if eid is not None:
+                    clash.setdefault(eid, []).append((s.pool, s.slot))
+            if opts.conflict == "avoid" and clash:
+                exclude = {p: set(d) for p, d in owned.items()}
+                picked = loc.top(opts.top_t, exclude)
+            else:
+                picked = naive
+            chosen = slots_by_pool(picked)
+            guards = self._guards(req, chosen, set(clash), opts.guard_facts)
+            res = optimise_rows(self.model, self.codec, Example(req.prompt, req.target_new), chosen, guards, opts)
+            compute_ms = (time.perf_counter() - t0) * 1000
+            rows = [
+                RowChange(pool, int(slot), self.pools[pool][slot].detach().cpu().clone(), res.rows[pool][i].cpu().clone())
+                for pool, ids in chosen.items()
+                for i, slot in enumerate(ids.tolist())
+            ]
+            rows = [r for r in rows if not torch.equal(r.before, r.after)]
+            conflicts = [
+                {"edit": eid, "slots": [list(s) for s in sl], "resolution": "avoided" if opts.conflict == "avoid" else "joint"}
+                for eid, sl in clash.items()
+            ]
+            metrics = {
+                "prob_before": round(res.prob_before, 6),
+                "prob_after": round(res.prob_after, 6),
+                "steps": res.steps,
+                "success": res.success,
+                "slots_touched": len(rows),
+                "guards": len(guards),
+                "guard_kl": round(res.guard_kl, 6),
+                "compute_ms": round(compute_ms, 2),
+                "conflicts": conflicts,
+            }
+            ev = txn.append_apply(
+                request=req.to_dict(), method="sparse", settings=opts.to_dict(), metrics=metrics,
+                rows=rows, author=self.author, note=note,
+            )
+        # Committed: only now does the live model change.
+        self._write(ev.rows, "after")
+        self._applies[ev.edit_id] = ev
+        self._live[ev.edit_id] = ev
+        self._seq = ev.seq
+        self._reads[ev.edit_id] = {p: set(t.tolist()) for p, t in loc.reads.items()}
+        total_ms = (time.perf_counter() - t_start) * 1000
+        # Everything inside the transaction but locate+optimise is ledger work:
+        # the lock, syncing, encoding rows, the insert and the durable commit.
+        out = dict(metrics, total_ms=round(total_ms, 2), ledger_ms=round(total_ms - compute_ms, 2))
+        return EditRecord(ev.edit_id, req.prompt, req.target_new, req.subject, [(r.pool, r.slot) for r in ev.rows], out, conflicts, ev.seq)
+
+    def edit_many(
+        self,
+        requests: str | Path | Iterable[Mapping | EditRequest],
+        on_edit: Callable[[EditRecord], None] | None = None,
+        **options: object,
+    ) -> list[EditRecord]:
+        """Apply EasyEdit-format requests (dicts, :class:`EditRequest` or a JSON/JSONL path) in order.
+
+        Every request is validated before the first edit, so a malformed file changes nothing.
+        """
+        reqs = requests_from(requests)
+        self._options(options)
+        for i, r in enumerate(reqs):
+            try:
+                self._check(r)
+            except PromptError as err:
+                raise EditError(f"request {i}: {err}") from None
+        out = []
+        for r in reqs:
+            rec = self.apply(r, **options)
+            out.append(rec)
+            if on_edit:
+                on_edit(rec)
+        return out
+
+    # -------------------------------------------------------------- revert
+    def _dependents(self, ev: Event) -> list[Event]:
+        """Later live edits that changed any slot of ``ev`` (transitively), newest first."""
+        todo, found = [ev], {}
+        while todo:
+            cur = todo.pop()
+            slots = {(r.pool, r.slot) for r in cur.rows}
+            for other in self._live.values():
+                if other.seq > cur.seq and other.edit_id not in found and slots & {(r.pool, r.slot) for r in other.rows}:
+                    found[other.edit_id] = other
+                    todo.append(other)
+        return sorted(found.values(), key=lambda e: -e.seq)
+
+    def revert(self, edit_id: str, cascade: bool = False, note: str | None = None) -> list[str]:
+        """Restore an edit's before rows.
+
+        Args:
+            edit_id: the edit to revert.
+            cascade: first revert later live edits that changed the same slots, newest first.
+            note: free text stored in the ledger.
+
+        Returns:
+            The ids reverted, in order.
+
+        Raises:
+            EditError: unknown or already reverted id, or later edits in the way without ``cascade``.
+        """
+        with self.ledger.transaction() as txn:
+            self._sync(txn.events(after_seq=self._seq))
+            ev = self._live_apply(edit_id)
+            deps = self._dependents(ev)
+            if deps and not cascade:
+                names = ", ".join(d.edit_id for d in deps)
+                raise EditError(f"later edit(s) {names} changed slots of {edit_id}; revert them first or use --cascade")
+            order = [*deps, ev]
+            self._check_revertible(order)
+            request = {"cascade_of": edit_id} if deps else None
+            appended = [txn.append_revert(e.edit_id, author=self.author, note=note, request=request) for e in order]
+        self._after_revert(order, appended)
+        return [e.edit_id for e in order]
+
+    def revert_to(self, edit_id: str, note: str | None = None) -> list[str]:
+        """Return to the state right after edit ``edit_id``: revert every later live edit, newest first."""
+        with self.ledger.transaction() as txn:
+            self._sync(txn.events(after_seq=self._seq))
+            ev = self._live_apply(edit_id)
+            order = sorted((e for e in self._live.values() if e.seq > ev.seq), key=lambda e: -e.seq)
+            self._check_revertible(order)
+            appended = [txn.append_revert(e.edit_id, author=self.author, note=note, request={"revert_to": edit_id}) for e in order]
+        self._after_revert(order, appended)
+        return [e.edit_id for e in order]
+
+    def _live_apply(self, edit_id: str) -> Event:
+        ev = self._applies.get(edit_id)
+        if ev is None:
+            raise EditError(f"unknown edit id {edit_id!r}")
+        if edit_id not in self._live:
+            raise EditError(f"edit {edit_id} is already reverted")
+        return ev
+
+    def _check_revertible(self, order: list[Event]) -> None:
+        """The live rows must equal each edit's after rows (reverting in ``order``)."""
+        state: dict[tuple[str, int], torch.Tensor] = {}
+        for ev in order:
+            for r in ev.rows:
+                cur = state.get((r.pool, r.slot), self.pools[r.pool][r.slot].detach().cpu())
+                if not _same(cur, r.after):
+                    raise EditError(
+                        f"live row {r.pool}[{r.slot}] differs from edit {ev.edit_id}'s after row; run `knowedit ledger verify`"
+                    )
+                state[(r.pool, r.slot)] = r.before
+
+    def _after_revert(self, order: list[Event], appended: list[Event]) -> None:
+        """Committed: restore the rows and the bookkeeping."""
+        for ev, rev in zip(order, appended):
+            self._write(ev.rows, "before")
+            self._live.pop(ev.edit_id, None)
+            self._seq = rev.seq
+
+    # ------------------------------------------------------------- history
+    def history(self) -> list[Event]:
+        """Every ledger event, oldest first."""
+        return self.ledger.events()
+
+    def live_edits(self) -> list[str]:
+        return [e.edit_id for e in sorted(self._live.values(), key=lambda e: e.seq)]
+
+    def verify(self) -> list[str]:
+        """Check the hash chain, replay every event from the base, and compare with the live rows.
+
+        Returns:
+            Problems found (empty when the ledger and the model agree).
+        """
+        problems = list(self.ledger.verify_chain())
+        state = {name: v.clone() for name, v in self.base.items()}
+        applies: dict[str, Event] = {}
+        for ev in self.ledger.events():
+            rows = ev.rows if ev.kind == "apply" else applies.get(ev.edit_id, ev).rows
+            src, dst = ("before", "after") if ev.kind == "apply" else ("after", "before")
+            for r in rows:
+                if not _same(state[r.pool][r.slot], getattr(r, src)):
+                    problems.append(f"event {ev.seq} ({ev.kind} {ev.edit_id}): row {r.pool}[{r.slot}] does not match its recorded {src} row")
+                state[r.pool][r.slot] = getattr(r, dst)
+            if ev.kind == "apply":
+                applies[ev.edit_id] = ev
+        for name, v in self.pools.items():
+            diff = (~_eq_rows(v.detach().cpu(), state[name])).nonzero().flatten()
+            if diff.numel():
+                problems.append(f"live model differs from base + ledger replay in {diff.numel()} row(s) of {name}, e.g. {diff[:5].tolist()}")
+        return problems
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write the edited model as a new checkpoint directory (a new base; no ledger)."""
+        out = Path(out_dir)
+        if out.resolve() == self.ck.path.resolve():
+            raise EditError("save to a new directory: the base checkpoint is what the ledger replays onto")
+        return save_checkpoint(out, self.model, self.codec)
+
+    def score(self, examples: list[Example]) -> dict[str, list]:
+        """Teacher-forced scores of the live model (see :func:`knowedit.inference.teacher_forced`)."""
+        return teacher_forced(self.model, self.codec, examples)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (NaN payloads and -0.0 included)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def _eq_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: rows of ``a`` and ``b`` that are bitwise equal."""
+    return (a.contiguous().view(torch.uint8) == b.contiguous().view(torch.uint8)).all(-1)
+
+
+__all__ = ["EditError", "EditOptions", "EditRecord", "Editor", "LedgerError"]

@@ -1,0 +1,156 @@
+"""Encoding facts into batches, teacher-forced scoring and greedy decoding."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from knowedit.data.records import Example
+from knowedit.model import MemoryLM
+from knowedit.tokenizer import TextCodec
+
+
+class PromptError(ValueError):
+    """A prompt or answer the model cannot take (empty, too long, no tokens)."""
+
+
+@dataclass
+class Batch:
+    """Right-padded prompt+answer sequences.
+
+    Attributes:
+        ids: (B, T) input token ids (sequence without its last token).
+        targets: (B, T) next-token targets; -100 where not scored.
+        answer_start: (B,) index in ``ids`` of the position predicting the first answer token.
+        answer_len: (B,) scored target tokens (answer + eos).
+    """
+
+    ids: torch.Tensor
+    targets: torch.Tensor
+    answer_start: torch.Tensor
+    answer_len: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(*(t.to(device) for t in (self.ids, self.targets, self.answer_start, self.answer_len)))
+
+
+def encode_pair(codec: TextCodec, prompt: str, answer: str, max_len: int, eos: bool = True) -> tuple[list[int], list[int]]:
+    """Token ids of a prompt and its answer, checked against the context length.
+
+    Raises:
+        PromptError: empty prompt/answer, an answer with no tokens, or too long.
+    """
+    if not prompt or not prompt.strip():
+        raise PromptError("the prompt is empty")
+    if not answer or not answer.strip():
+        raise PromptError("the target is empty")
+    p = codec.encode_prompt(prompt)
+    a = codec.encode_answer(answer, eos=eos)
+    if len(a) - int(eos) == 0:
+        raise PromptError(f"the target {answer!r} tokenizes to nothing")
+    if len(p) + len(a) - 1 > max_len:
+        raise PromptError(
+            f"prompt + target is {len(p) + len(a) - 1} tokens; the model's context is {max_len}"
+        )
+    return p, a
+
+
+def encode_examples(
+    codec: TextCodec, examples: Sequence[Example], max_len: int, answer_only: bool = True
+) -> Batch:
+    """Encode examples as one right-padded batch for teacher forcing."""
+    rows = []
+    for ex in examples:
+        p, a = encode_pair(codec, ex.prompt, ex.answer, max_len)
+        rows.append((p, a))
+    T = max(len(p) + len(a) - 1 for p, a in rows)
+    B = len(rows)
+    ids = torch.full((B, T), codec.pad_id, dtype=torch.long)
+    targets = torch.full((B, T), -100, dtype=torch.long)
+    start = torch.empty(B, dtype=torch.long)
+    length = torch.empty(B, dtype=torch.long)
+    for i, (p, a) in enumerate(rows):
+        seq = torch.tensor(p + a)
+        n = len(seq) - 1
+        ids[i, :n] = seq[:-1]
+        targets[i, :n] = seq[1:]
+        if answer_only:
+            targets[i, : len(p) - 1] = -100
+        start[i], length[i] = len(p) - 1, len(a)
+    return Batch(ids, targets, start, length)
+
+
+@torch.no_grad()
+def teacher_forced(model: MemoryLM, codec: TextCodec, examples: Sequence[Example], batch_size: int = 256) -> dict[str, list]:
+    """Teacher-forced scores per example over the answer tokens (eos excluded).
+
+    Returns:
+        ``token_acc`` (EasyEdit's convention: share of answer tokens that are
+        the argmax), ``exact`` (every answer token and the eos are the argmax,
+        which is what greedy decoding would produce) and ``prob`` (mean answer
+        token probability), each a list over examples.
+    """
+    out: dict[str, list] = {"token_acc": [], "exact": [], "prob": []}
+    device = next(model.parameters()).device
+    for s in range(0, len(examples), batch_size):
+        b = encode_examples(codec, examples[s : s + batch_size], model.cfg.max_seq_len).to(device)
+        logits = model(b.ids)
+        probs = logits.float().softmax(-1)
+        pred = logits.argmax(-1)
+        for i in range(b.ids.shape[0]):
+            st, n = int(b.answer_start[i]), int(b.answer_len[i])
+            tgt = b.targets[i, st : st + n]
+            hit = pred[i, st : st + n] == tgt
+            out["token_acc"].append(float(hit[:-1].float().mean()))
+            out["exact"].append(bool(hit.all()))
+            out["prob"].append(float(probs[i, torch.arange(st, st + n - 1), tgt[:-1]].mean()))
+    return out
+
+
+@torch.no_grad()
+def greedy(model: MemoryLM, codec: TextCodec, prompts: Sequence[str], max_new_tokens: int = 8) -> list[str]:
+    """Greedy completions, batched by prompt length (no padding needed), stopping at eos."""
+    device = next(model.parameters()).device
+    encoded = []
+    for p in prompts:
+        if not p or not p.strip():
+            raise PromptError("the prompt is empty")
+        ids = codec.encode_prompt(p)
+        if len(ids) >= model.cfg.max_seq_len:
+            raise PromptError(f"the prompt is {len(ids)} tokens; the model's context is {model.cfg.max_seq_len}")
+        encoded.append(ids)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, ids in enumerate(encoded):
+        groups[len(ids)].append(i)
+    results: list[str] = [""] * len(prompts)
+    for _, members in groups.items():
+        x = torch.tensor([encoded[i] for i in members], device=device)
+        done = torch.zeros(len(members), dtype=torch.bool, device=device)
+        new: list[torch.Tensor] = []
+        for _ in range(max_new_tokens):
+            if x.shape[1] >= model.cfg.max_seq_len:
+                break
+            nxt = model(x)[:, -1].argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, codec.eos_id), nxt)
+            new.append(nxt)
+            done |= nxt == codec.eos_id
+            x = torch.cat([x, nxt[:, None]], dim=1)
+            if bool(done.all()):
+                break
+        gen = torch.stack(new, 1).tolist() if new else [[] for _ in members]
+        for j, i in enumerate(members):
+            toks = gen[j]
+            if codec.eos_id in toks:
+                toks = toks[: toks.index(codec.eos_id)]
+            results[i] = codec.decode(toks)
+    return results
+
+
+def greedy_exact(model: MemoryLM, codec: TextCodec, examples: Sequence[Example]) -> list[bool]:
+    """Greedy exact match without teacher forcing: the completion equals the answer."""
+    n_new = max(len(codec.encode_answer(e.answer)) for e in examples) + 1 if examples else 1
+    got = greedy(model, codec, [e.prompt for e in examples], max_new_tokens=n_new)
+    return [g == e.answer.strip() for g, e in zip(got, examples)]

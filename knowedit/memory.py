@@ -1,0 +1,221 @@
+"""Product-key memory layer (Lample et al. 2019) with the Memory+ options of
+Berges et al. 2024 ("Memory Layers at Scale").
+
+For input x: q = W_q x, split per head into halves q1, q2. Each head has two
+half-key tables K1, K2 of ``n`` rows; s1 = K1 q1, s2 = K2 q2; top-k of each;
+the k*k candidate sums; top-k of those gives slot ids ``i * n + j``. The output
+is ``sum_h sum_k softmax(score) V[id]`` over one value table ``V`` (N x d_v)
+that every head (and, with a shared pool, every memory layer) reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from knowedit.config import MemoryConfig
+
+
+@dataclass
+class MemoryTrace:
+    """What one memory layer read for a batch.
+
+    Attributes:
+        layer: index of the transformer layer.
+        pool: name of the value pool the slot ids refer to.
+        query: (B, T, H, key_dim) the normalised queries.
+        slots: (B, T, H, k) int64 slot ids.
+        weights: (B, T, H, k) softmax weights.
+    """
+
+    layer: int
+    pool: str
+    query: torch.Tensor
+    slots: torch.Tensor
+    weights: torch.Tensor
+
+
+@dataclass
+class RowPatch:
+    """Replacement rows for a few slots of one pool, used while editing.
+
+    ``rows`` usually requires grad; every other parameter stays frozen, so an
+    optimiser over ``rows`` touches exactly these slots.
+
+    Attributes:
+        slots: (t,) sorted unique int64 slot ids.
+        rows: (t, d_v) the rows' live values.
+    """
+
+    slots: torch.Tensor
+    rows: torch.Tensor
+
+
+class ValuePool(nn.Module):
+    """The value table ``V`` (N x d_v); pass one instance to several layers to share it."""
+
+    def __init__(self, n_slots: int, value_dim: int, name: str = "pool") -> None:
+        super().__init__()
+        self.name = name
+        self.values = nn.Parameter(torch.empty(n_slots, value_dim))
+        # Small init: the memory output starts near zero, as an FFN's would.
+        nn.init.normal_(self.values, std=value_dim**-0.5)
+
+    @property
+    def n_slots(self) -> int:
+        return self.values.shape[0]
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def product_topk(
+    q: torch.Tensor, keys: torch.Tensor, k: int, n_keys: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k over the ``n_keys ** 2`` product keys of each head.
+
+    Args:
+        q: (..., H, key_dim) queries.
+        keys: (H, 2, n_keys, key_dim // 2) half-key tables.
+        k: slots to return per head.
+        n_keys: half-keys per table.
+
+    Returns:
+        scores (..., H, k) and slot ids (..., H, k), best first.
+    """
+    half = keys.shape[-1]
+    q1, q2 = q[..., :half], q[..., half:]  # (..., H, half)
+    s1 = torch.einsum("...hd,hnd->...hn", q1, keys[:, 0])  # (..., H, n)
+    s2 = torch.einsum("...hd,hnd->...hn", q2, keys[:, 1])
+    kk = min(k, n_keys)
+    v1, i1 = s1.topk(kk, dim=-1)  # (..., H, kk)
+    v2, i2 = s2.topk(kk, dim=-1)
+    cand = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)  # (..., H, kk*kk)
+    scores, flat = cand.topk(k, dim=-1)  # (..., H, k)
+    ids = i1.gather(-1, flat // kk) * n_keys + i2.gather(-1, flat % kk)
+    return scores, ids
+
+
+def lookup(values: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, backend: str) -> torch.Tensor:
+    """Weighted sum of gathered value rows through the configured backend.
+
+    Args:
+        values: (N, d_v).
+        ids: (..., K) int64 slot ids.
+        weights: (..., K).
+        backend: ``torch``, ``triton`` or ``auto``.
+
+    Returns:
+        (..., d_v). The gradient for ``values`` is sparse (touched rows only).
+    """
+    from knowedit import kernels
+
+    return kernels.lookup(values, ids, weights, backend=backend)
+
+
+def _patch_correction(
+    values: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, patch: RowPatch
+) -> torch.Tensor:
+    """sum_k w_k (patched_row - base_row) for the slots the patch replaces. (..., d_v)."""
+    pos = torch.searchsorted(patch.slots, ids).clamp_(max=patch.slots.numel() - 1)
+    hit = patch.slots[pos] == ids  # (..., K)
+    delta = patch.rows - values.detach()[patch.slots]  # (t, d_v)
+    w = (weights * hit).to(delta.dtype)
+    return torch.einsum("...k,...kd->...d", w, delta[pos])
+
+
+class ProductKeyMemory(nn.Module):
+    """A memory layer used in place of a transformer block's FFN.
+
+    Args:
+        d_model: model width.
+        cfg: memory settings.
+        pool: the value pool to read (shared when several layers get the same one).
+        layer: transformer layer index, recorded in traces.
+    """
+
+    def __init__(self, d_model: int, cfg: MemoryConfig, pool: ValuePool, layer: int) -> None:
+        super().__init__()
+        if cfg.key_dim % 2:
+            raise ValueError("memory.key_dim must be even (two half keys)")
+        if cfg.topk > cfg.n_keys**2:
+            raise ValueError("memory.topk exceeds the number of slots")
+        self.cfg = cfg
+        self.layer = layer
+        self.pool = pool
+        self.n_keys = cfg.n_keys
+        value_dim = pool.values.shape[1]
+        self.query = nn.Linear(d_model, cfg.heads * cfg.key_dim, bias=False)
+        self.keys = nn.Parameter(torch.randn(cfg.heads, 2, cfg.n_keys, cfg.key_dim // 2))
+        if cfg.swilu:
+            self.gate = nn.Linear(d_model, value_dim, bias=False)
+            self.out = nn.Linear(value_dim, d_model, bias=False)
+        else:
+            self.gate = None
+            self.out = nn.Linear(value_dim, d_model, bias=False) if value_dim != d_model else None
+
+    def half_keys(self) -> torch.Tensor:
+        """(H, 2, n_keys, key_dim // 2): the (normalised) sub-key tables used for scoring."""
+        return _rms(self.keys) * (self.keys.shape[-1] ** -0.5) if self.cfg.qk_norm else self.keys
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d_model) -> (B, T, H, key_dim) queries, per-half normalised with qk-norm."""
+        q = self.query(x).unflatten(-1, (self.cfg.heads, self.cfg.key_dim))  # (B, T, H, Dk)
+        if self.cfg.qk_norm:
+            half = self.cfg.key_dim // 2
+            q = torch.cat([_rms(q[..., :half]), _rms(q[..., half:])], dim=-1)
+        return q
+
+    def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, slot ids and softmax weights for ``x`` (B, T, d_model).
+
+        Returns:
+            query (B, T, H, Dk), ids (B, T, H, k), weights (B, T, H, k).
+        """
+        q = self.queries(x)
+        scores, ids = product_topk(q, self.half_keys(), self.cfg.topk, self.n_keys)
+        return q, ids, scores.softmax(dim=-1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        trace: list[MemoryTrace] | None = None,
+        patch: RowPatch | None = None,
+    ) -> torch.Tensor:
+        """(B, T, d_model) -> (B, T, d_model); appends a :class:`MemoryTrace` to ``trace``."""
+        q, ids, w = self.select(x)
+        if trace is not None:
+            trace.append(MemoryTrace(self.layer, self.pool.name, q.detach(), ids, w.detach()))
+        flat_ids = ids.flatten(-2)  # (B, T, H*k)
+        flat_w = w.flatten(-2).to(self.pool.values.dtype)
+        mem = lookup(self.pool.values, flat_ids, flat_w, self.cfg.backend)  # (B, T, d_v)
+        if patch is not None:
+            mem = mem + _patch_correction(self.pool.values, flat_ids, flat_w, patch)
+        if self.gate is not None:
+            mem = mem * F.silu(self.gate(x))
+        return self.out(mem) if self.out is not None else mem
+
+
+def usage_metrics(counts: torch.Tensor) -> dict[str, float]:
+    """Slot-usage metrics of Lample et al. 2019 from per-slot access mass.
+
+    Args:
+        counts: (N,) non-negative access counts or summed weights.
+
+    Returns:
+        ``used_fraction`` (share of slots accessed at all) and ``kl_uniform``
+        (KL(usage || uniform) in nats; 0 is perfectly even use).
+    """
+    counts = counts.double().clamp_min(0)
+    n = counts.numel()
+    total = counts.sum()
+    if n == 0 or total <= 0:
+        return {"used_fraction": 0.0, "kl_uniform": 0.0}
+    p = counts / total
+    nz = p[p > 0]
+    kl = float((nz * (nz * n).log()).sum())
+    return {"used_fraction": float((counts > 0).double().mean()), "kl_uniform": kl}

@@ -1,0 +1,155 @@
+"""A small decoder-only transformer whose configured layers use a product-key
+memory layer instead of the FFN. Read top to bottom: leaf modules first, the
+language model last."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from knowedit.config import ModelConfig
+from knowedit.memory import MemoryTrace, ProductKeyMemory, RowPatch, ValuePool
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.d_model % cfg.n_heads:
+            raise ValueError("d_model must be divisible by n_heads")
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=-1)
+        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        hidden = cfg.ffn_mult * cfg.d_model
+        self.up = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, pool: ValuePool | None) -> None:
+        super().__init__()
+        self.norm1 = nn.RMSNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm2 = nn.RMSNorm(cfg.d_model)
+        self.ffn: nn.Module = (
+            ProductKeyMemory(cfg.d_model, cfg.memory, pool, layer) if pool is not None else FeedForward(cfg)
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        trace: list[MemoryTrace] | None,
+        patches: dict[str, RowPatch] | None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        h = self.norm2(x)
+        if isinstance(self.ffn, ProductKeyMemory):
+            patch = patches.get(self.ffn.pool.name) if patches else None
+            return x + self.ffn(h, trace=trace, patch=patch)
+        return x + self.ffn(h)
+
+
+class MemoryLM(nn.Module):
+    """Decoder-only language model with product-key memory layers.
+
+    Args:
+        cfg: model settings; ``cfg.vocab_size`` must be set.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (from the tokenizer)")
+        bad = [i for i in cfg.memory_layers if not 0 <= i < cfg.n_layers]
+        if bad:
+            raise ValueError(f"memory_layers {bad} outside 0..{cfg.n_layers - 1}")
+        self.cfg = cfg
+        mem = cfg.memory
+        value_dim = mem.value_dim or cfg.d_model
+        n_slots = mem.n_keys**2
+        self.pools = nn.ModuleDict()
+        if cfg.memory_layers and mem.shared_values:
+            self.pools["pool"] = ValuePool(n_slots, value_dim, name="pool")
+        for i in cfg.memory_layers if not mem.shared_values else []:
+            self.pools[f"mem{i}"] = ValuePool(n_slots, value_dim, name=f"mem{i}")
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(
+            Block(cfg, i, self._pool_for(i) if i in cfg.memory_layers else None) for i in range(cfg.n_layers)
+        )
+        self.norm = nn.RMSNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+
+    def _pool_for(self, layer: int) -> ValuePool:
+        return self.pools["pool"] if self.cfg.memory.shared_values else self.pools[f"mem{layer}"]
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def memory_layers(self) -> list[ProductKeyMemory]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, ProductKeyMemory)]
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        """The memory value tables, for their own optimizer group and learning rate."""
+        return [p.values for p in self.pools.values()]
+
+    def other_parameters(self) -> list[nn.Parameter]:
+        """Every parameter that is not a memory value table."""
+        vals = {id(p) for p in self.value_parameters()}
+        return [p for p in self.parameters() if id(p) not in vals]
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        trace: list[MemoryTrace] | None = None,
+        patches: dict[str, RowPatch] | None = None,
+    ) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab).
+
+        Args:
+            idx: (B, T) token ids, T <= max_seq_len.
+            trace: if a list, each memory layer appends what it read.
+            patches: per pool name, rows that replace the stored ones (editing).
+        """
+        B, T = idx.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds the context of {self.cfg.max_seq_len}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.tok_emb(idx) + self.pos_emb(pos)  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, trace, patches)
+        return self.head(self.norm(x))  # (B, T, V)
+
+
+def build_model(cfg: ModelConfig, seed: int | None = None) -> MemoryLM:
+    """Build a :class:`MemoryLM`, deterministically when ``seed`` is given."""
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return MemoryLM(cfg)
+    return MemoryLM(cfg)

@@ -1,0 +1,73 @@
+"""Byte-level BPE tokenizer trained locally with ``tokenizers``.
+
+Byte-level, so any text, including names never seen in training, encodes
+without an unknown token: an edit may introduce a brand-new name. Nothing is
+downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+PAD = "<pad>"
+EOS = "<eos>"
+
+
+class TextCodec:
+    """Wraps a ``tokenizers.Tokenizer`` with the prompt/answer conventions of knowedit.
+
+    An answer is encoded with a leading space (``" Paris"``) and followed by
+    ``<eos>`` in training, so greedy decoding stops after it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tok = tokenizer
+        pad, eos = tokenizer.token_to_id(PAD), tokenizer.token_to_id(EOS)
+        if pad is None or eos is None:
+            raise ValueError("tokenizer lacks the <pad>/<eos> special tokens")
+        self.pad_id: int = pad
+        self.eos_id: int = eos
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int = 4096) -> TextCodec:
+        """Train a byte-level BPE on ``texts`` (deterministic for the same input)."""
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[PAD, EOS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(list(texts), trainer=trainer)
+        return cls(tok)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TextCodec:
+        return cls(Tokenizer.from_file(str(path)))
+
+    def save(self, path: str | Path) -> None:
+        self.tok.save(str(path))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return self.tok.encode(prompt.strip(), add_special_tokens=False).ids
+
+    def encode_answer(self, answer: str, eos: bool = True) -> list[int]:
+        ids = self.tok.encode(" " + answer.strip(), add_special_tokens=False).ids
+        return ids + [self.eos_id] if eos else ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode([i for i in ids if i not in (self.pad_id, self.eos_id)]).strip()
+
+
+def corpus_texts(examples: Iterable) -> list[str]:
+    """The texts a tokenizer is trained on: each example's prompt and answer."""
+    return [f"{e.prompt} {e.answer}" for e in examples]

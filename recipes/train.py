@@ -1,0 +1,222 @@
+"""The Lightning training recipe: a memory LM learns a world of facts.
+
+``knowedit train CONFIG [KEY=VALUE ...]`` resolves a :class:`TrainConfig`
+(dataclass defaults < YAML < overrides) and calls :func:`train`, which writes
+a checkpoint directory (``model.safetensors``, ``config.yaml``,
+``tokenizer.json``, ``corpus.jsonl``, ``train_report.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from knowedit.checkpoint import save_checkpoint
+from knowedit.config import TrainConfig
+from knowedit.data import EditRequest, Example, load_records, make_world, true_fact_examples
+from knowedit.inference import encode_examples, greedy_exact, teacher_forced
+from knowedit.model import MemoryLM, build_model
+from knowedit.tokenizer import TextCodec, corpus_texts
+
+CORPUS_FILE = "corpus.jsonl"
+HELDOUT_FILE = "heldout.jsonl"
+EDITS_FILE = "edits.jsonl"
+REPORT_FILE = "train_report.json"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def read_examples(path: Path) -> list[Example]:
+    with open(path, encoding="utf-8") as f:
+        return [Example(**json.loads(line)) for line in f if line.strip()]
+
+
+class FactDataModule(L.LightningDataModule):
+    """Builds the fact corpus and the tokenizer, and serves padded batches.
+
+    Synthetic worlds keep held-out phrasings and ready-made edit requests;
+    an EasyEdit file gives the CounterFact world (all true facts are trained).
+    """
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.data
+        self.held_out: list[Example] = []
+        self.edits: list[EditRequest] = []
+        if d.source == "synthetic":
+            world = make_world(d.world)
+            self.train_ex = world.train_examples()
+            self.held_out = world.held_out_examples()
+            self.edits = world.edit_requests()
+        elif d.source == "easyedit":
+            if not d.path:
+                raise ValueError("data.source=easyedit needs data.path")
+            self.edits = load_records(d.path, limit=d.limit)
+            self.train_ex = true_fact_examples(self.edits)
+        else:
+            raise ValueError(f"unknown data.source {d.source!r} (synthetic or easyedit)")
+        self.codec = TextCodec.train(corpus_texts(self.train_ex), vocab_size=d.vocab_size)
+
+    def train_dataloader(self) -> DataLoader:
+        max_len = self.cfg.model.max_seq_len
+        answer_only = self.cfg.data.answer_only_loss
+        return DataLoader(
+            self.train_ex,
+            batch_size=self.cfg.data.batch_size,
+            shuffle=True,
+            collate_fn=lambda exs: encode_examples(self.codec, exs, max_len, answer_only),
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+        )
+
+
+class MemoryLMModule(L.LightningModule):
+    """Trains a :class:`MemoryLM`; memory values get their own sparse optimizer and lr."""
+
+    def __init__(self, cfg: TrainConfig, model: MemoryLM, eval_examples: list[Example], codec: TextCodec) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = model
+        self.codec = codec
+        self.eval_examples = eval_examples
+        self.automatic_optimization = False  # two optimizers: dense AdamW + sparse values
+        self.train_accuracy = 0.0
+        self.started = time.monotonic()
+
+    def configure_optimizers(self):  # noqa: ANN201 (Lightning's union type)
+        o = self.cfg.optim
+        dense = torch.optim.AdamW(self.model.other_parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        opts = [dense]
+        if self.model.value_parameters():
+            # SparseAdam is lazy: it updates only the rows present in the sparse gradient.
+            opts.append(torch.optim.SparseAdam(self.model.value_parameters(), lr=o.value_lr))
+        return opts
+
+    def _lr_scale(self) -> float:
+        """Linear warmup, then cosine decay to ``min_lr_ratio`` over the planned steps."""
+        o, step = self.cfg.optim, self.global_step
+        if o.warmup_steps > 0 and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        total = max(self.trainer.estimated_stepping_batches, o.warmup_steps + 1)
+        frac = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:  # noqa: ANN001
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        scale = self._lr_scale()
+        for opt, base in zip(opts, (self.cfg.optim.lr, self.cfg.optim.value_lr)):
+            for g in opt.param_groups:
+                g["lr"] = base * scale
+        logits = self.model(batch.ids)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        for opt in opts:
+            opt.step()
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.model.eval()
+        ex = self.eval_examples
+        self.train_accuracy = sum(teacher_forced(self.model, self.codec, ex)["exact"]) / max(1, len(ex))
+        self.model.train()
+        self.log("train_acc", self.train_accuracy, prog_bar=True)
+        minutes = (time.monotonic() - self.started) / 60
+        if self.train_accuracy >= self.cfg.stop_at_accuracy or (
+            self.cfg.max_minutes and minutes >= self.cfg.max_minutes
+        ):
+            self.trainer.should_stop = True
+
+
+def _logger(cfg: TrainConfig, out: Path):  # noqa: ANN202
+    if cfg.logger == "csv":
+        return L.pytorch.loggers.CSVLogger(str(out), name="logs")
+    if cfg.logger == "tensorboard":
+        return L.pytorch.loggers.TensorBoardLogger(str(out), name="logs")
+    if cfg.logger == "none":
+        return False
+    raise ValueError(f"unknown logger {cfg.logger!r} (csv, tensorboard, none)")
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict:
+    """Train per ``cfg`` and write the checkpoint directory ``cfg.out``.
+
+    Returns:
+        The training report: accuracies, wall time, sizes.
+    """
+    t0 = time.monotonic()
+    _quiet_lightning()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, verbose=False)
+    random.seed(cfg.seed)
+    dm = FactDataModule(cfg)
+    cfg.model.vocab_size = dm.codec.vocab_size
+    model = build_model(cfg.model, seed=cfg.seed)
+    eval_sample = dm.train_ex if len(dm.train_ex) <= 4000 else random.Random(cfg.seed).sample(dm.train_ex, 4000)
+    module = MemoryLMModule(cfg, model, eval_sample, dm.codec)
+    trainer = L.Trainer(
+        max_epochs=cfg.max_epochs,
+        max_steps=cfg.max_steps,
+        accelerator=cfg.accelerator,
+        devices=1,
+        precision=cfg.precision,
+        logger=_logger(cfg, out),
+        enable_checkpointing=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        log_every_n_steps=10,
+    )
+    trainer.fit(module, datamodule=dm)
+    model = module.model.cpu().eval()
+    train_seconds = time.monotonic() - t0
+    save_checkpoint(out, model, dm.codec, cfg)
+    write_jsonl(out / CORPUS_FILE, [asdict(e) for e in dm.train_ex])
+    if dm.held_out:
+        write_jsonl(out / HELDOUT_FILE, [asdict(e) for e in dm.held_out])
+    if dm.edits and cfg.data.source == "synthetic":
+        write_jsonl(out / EDITS_FILE, [e.to_dict() for e in dm.edits])
+    report = {
+        "name": cfg.name,
+        "facts_trained": len(dm.train_ex),
+        "train_greedy_accuracy": _mean(greedy_exact(model, dm.codec, dm.train_ex)),
+        "heldout_greedy_accuracy": _mean(greedy_exact(model, dm.codec, dm.held_out)) if dm.held_out else None,
+        "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
+        "train_seconds": round(train_seconds, 1),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "memory_slots": cfg.model.memory.n_keys**2 if cfg.model.memory_layers else 0,
+    }
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _quiet_lightning() -> None:
+    """Keep Lightning's start-up chatter (device summary, tips) off the console."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*treespec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*litlogger.*")
+
+
+def _mean(xs: list[bool]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan

@@ -1,0 +1,51 @@
+"""Shared fixtures: a small model trained once per session with the debug recipe.
+
+The test machine has two cores shared with other jobs; one intra-op thread keeps
+the tiny models fast (oversubscribed BLAS threads made a training step ~10x slower).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "recipes" / "configs"
+
+#: Overrides that make the debug recipe learn part of its world in a few seconds
+#: (about a quarter of the facts right: both outcomes occur, which the
+#: greedy-vs-teacher-forced agreement test needs).
+DEBUG_OVERRIDES = [
+    "max_epochs=15",
+    "data.batch_size=16",
+    "optim.lr=1e-2",
+    "optim.value_lr=1e-1",
+    "optim.warmup_steps=5",
+    "logger=csv",
+]
+
+
+@pytest.fixture(scope="session")
+def debug_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Checkpoint directory of the debug recipe, trained once for the whole session.
+
+    Read-only for tests: copy it before changing anything inside.
+    """
+    from knowedit.config import load_train_config
+    from knowedit.recipes.train import train
+
+    out = tmp_path_factory.mktemp("debug_ckpt")
+    cfg = load_train_config(str(CONFIG_DIR / "debug.yaml"), DEBUG_OVERRIDES)
+    cfg.out = str(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's small-dataset advice
+        train(cfg, progress=False)
+    return out

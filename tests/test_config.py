@@ -1,0 +1,183 @@
+"""The config schema: every shipped recipe loads, misspelt keys are named,
+defaults < YAML < overrides, and the model presets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from knowedit.config import (
+    DataConfig,
+    MemoryConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    load_train_config,
+    model_preset,
+    to_yaml,
+)
+from knowedit.model import build_model
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+# Walk recursively: a flat listing silently skips configs in sub-folders.
+RECIPES = sorted(CONFIG_DIR.rglob("*.yaml"))
+
+
+def test_recipes_found() -> None:
+    assert {"debug", "small", "base"} <= {p.stem for p in RECIPES}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(CONFIG_DIR)) for p in RECIPES])
+def test_every_recipe_loads_into_the_schema(path: Path) -> None:
+    cfg = load_train_config(str(path))
+    assert isinstance(cfg, TrainConfig)
+    assert isinstance(cfg.model, ModelConfig) and isinstance(cfg.model.memory, MemoryConfig)
+    assert isinstance(cfg.data, DataConfig) and isinstance(cfg.optim, OptimConfig)
+    # What the model builder checks, without building (base is large).
+    m = cfg.model
+    assert m.d_model % m.n_heads == 0
+    assert all(0 <= i < m.n_layers for i in m.memory_layers)
+    assert m.memory.key_dim % 2 == 0
+    assert m.memory.topk <= m.memory.n_keys**2
+    assert m.memory.backend in ("torch", "triton", "auto")
+    assert cfg.logger in ("csv", "tensorboard", "none")
+    assert cfg.data.source in ("synthetic", "easyedit")
+
+
+def test_defaults_without_yaml() -> None:
+    assert load_train_config() == TrainConfig()
+    assert load_train_config(None, []) == TrainConfig()
+
+
+def _write(tmp_path: Path, text: str) -> str:
+    p = tmp_path / "recipe.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("max_epoch: 3\n", "max_epoch"),
+        ("model:\n  d_modl: 3\n", "model.d_modl"),
+        ("model:\n  memory: {topkk: 3}\n", "model.memory.topkk"),
+        ("data:\n  world: {entitys: 3}\n", "data.world.entitys"),
+    ],
+)
+def test_misspelt_yaml_key_is_named(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ValueError, match=f"'{key}'"):
+        load_train_config(_write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("model.d_modl=3", "model.d_modl"),
+        ("model.memory.topkk=3", "model.memory.topkk"),
+        ("max_epoch=3", "max_epoch"),
+        ("max_epochs=lots", "max_epochs"),  # wrong type
+        ("model.memory.qk_norm=maybe", "model.memory.qk_norm"),
+    ],
+)
+def test_bad_override_key_is_named(override: str, key: str) -> None:
+    with pytest.raises(ValueError, match=f"'{key}'"):
+        load_train_config(str(CONFIG_DIR / "debug.yaml"), [override])
+
+
+def test_override_without_equals_raises() -> None:
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        load_train_config(None, ["max_epochs"])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: load_train_config lets yaml.YAMLError escape (it only converts "
+    "OmegaConfBaseException), so a malformed override value raises yaml.parser.ParserError, "
+    "not ValueError, and `knowedit train` shows a traceback",
+)
+def test_malformed_override_value_raises_value_error() -> None:
+    with pytest.raises(ValueError, match="memory_layers"):
+        load_train_config(None, ["model.memory_layers=[0"])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a recipe that is not YAML raises yaml.parser.ParserError (not ValueError) "
+    "from load_train_config; `knowedit train broken.yaml` shows a traceback",
+)
+def test_malformed_yaml_raises_value_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        load_train_config(_write(tmp_path, "model: [1,\n"))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a recipe whose top level is a list raises TypeError ('Cannot merge "
+    "incompatible container types'), not ValueError",
+)
+def test_yaml_list_raises_value_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        load_train_config(_write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_overrides_beat_yaml_beat_defaults(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "name: mine\nmax_epochs: 7\nmodel:\n  d_model: 96\n  memory: {topk: 2, heads: 2}\n",
+    )
+    cfg = load_train_config(
+        path, ["max_epochs=9", "model.memory.heads=3", "model.memory_layers=[0,2]"]
+    )
+    default = TrainConfig()
+    assert cfg.max_epochs == 9  # override over YAML
+    assert cfg.model.memory.heads == 3  # override over YAML, nested
+    assert cfg.model.memory_layers == [0, 2]  # override over default
+    assert cfg.name == "mine" and cfg.model.d_model == 96 and cfg.model.memory.topk == 2  # YAML
+    # defaults survive beside the values set (deep merge, not replacement)
+    assert cfg.seed == default.seed
+    assert cfg.model.n_layers == default.model.n_layers
+    assert cfg.model.memory.n_keys == default.model.memory.n_keys
+    assert cfg.optim == default.optim
+
+
+def test_later_override_wins() -> None:
+    assert load_train_config(None, ["seed=1", "seed=2"]).seed == 2
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path: Path) -> None:
+    cfg = load_train_config(str(CONFIG_DIR / "small.yaml"), ["model.vocab_size=123", "out=x/y"])
+    again = load_train_config(_write(tmp_path, to_yaml(cfg)))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_model_preset_builds(name: str) -> None:
+    cfg = model_preset(name)
+    assert isinstance(cfg, ModelConfig)
+    cfg.vocab_size = 50
+    model = build_model(cfg, seed=0)
+    assert model(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 50)
+    assert len(model.memory_layers()) == len(cfg.memory_layers)
+
+
+def test_model_preset_base_config() -> None:
+    cfg = model_preset("base")
+    assert cfg.d_model == 512 and cfg.memory.n_keys == 512
+    assert cfg.d_model % cfg.n_heads == 0
+    assert all(0 <= i < cfg.n_layers for i in cfg.memory_layers)
+    assert cfg.memory.topk <= cfg.memory.n_keys**2 and cfg.memory.key_dim % 2 == 0
+
+
+def test_model_presets_are_fresh_copies() -> None:
+    a = model_preset("tiny")
+    a.memory_layers.append(7)
+    a.memory.topk = 1
+    b = model_preset("tiny")
+    assert 7 not in b.memory_layers and b.memory.topk != 1
+
+
+def test_unknown_preset_raises() -> None:
+    with pytest.raises(ValueError, match="'huge'.*base.*small.*tiny"):
+        model_preset("huge")
