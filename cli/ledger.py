@@ -17,7 +17,7 @@ app = typer.Typer(help="Inspect, verify and export the edit ledger.", no_args_is
 
 def _open_ledger(model: Path, ledger: str | None):  # noqa: ANN202
     """The ledger, checked against the model's base fingerprint, without creating one."""
-    from knowedit.checkpoint import MODEL_FILE, file_sha256
+    from knowedit.checkpoint import MODEL_FILE, model_fingerprint
     from knowedit.ledger import Ledger
 
     if not (model / MODEL_FILE).is_file():
@@ -25,7 +25,7 @@ def _open_ledger(model: Path, ledger: str | None):  # noqa: ANN202
     url = ledger if ledger is not None else str(model / "ledger.db")
     if ledger is None and not Path(url).is_file():
         raise fail(f"no ledger at {url}: no edit has been applied yet")
-    return Ledger(url, file_sha256(model / MODEL_FILE), create=False)
+    return Ledger(url, model_fingerprint(model / MODEL_FILE), create=False)
 
 
 def _summary(ev: object, live: set[str]) -> dict:

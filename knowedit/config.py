@@ -8,8 +8,10 @@ an error that names the key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
 @dataclass
@@ -30,8 +32,10 @@ class MemoryConfig:
     """Memory+ gating: ``out = W2((sum w V) * silu(W1 x))`` (Berges et al. 2024)."""
     qk_norm: bool = True
     """Normalise queries and keys; Berges et al. found it helps small models."""
-    shared_values: bool = True
-    """One value pool serves every memory layer (passed as a module, never a global)."""
+    shared_values: bool = False
+    """One value pool serves every memory layer (passed as a module, never a global).
+    Off by default: separate pools used more of their slots in our runs, and an
+    edit of the last layer's pool then leaves every earlier layer untouched."""
     backend: str = "torch"
     """Lookup backend: ``torch`` (reference), ``triton`` or ``auto``."""
 
@@ -165,7 +169,7 @@ def model_preset(name: str) -> ModelConfig:
         raise ValueError(f"unknown model preset {name!r}; choose from {sorted(MODEL_PRESETS)}") from None
 
 
-def load_train_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Merge dataclass defaults, a YAML recipe and ``KEY=VALUE`` overrides.
 
     Args:
@@ -176,24 +180,82 @@ def load_train_config(path: str | None = None, overrides: list[str] | None = Non
         The resolved :class:`TrainConfig` (``out`` may still be missing).
 
     Raises:
-        ValueError: for an unknown key or a value of the wrong type, naming it.
+        ValueError: for a recipe that is missing, unreadable, not YAML or not a
+            mapping; an override that is not ``KEY=VALUE`` or whose value is not
+            YAML; an unknown key or a value of the wrong type. The message names
+            the file, the override or the key.
     """
     from omegaconf.errors import OmegaConfBaseException
 
-    schema = OmegaConf.structured(TrainConfig)
+    merged = OmegaConf.structured(TrainConfig)
+    if path is not None:
+        merged = _merge(merged, _load_recipe(Path(path)), f"config file {str(path)!r}")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not KEY=VALUE")
+        try:
+            node = OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {item!r}: value is not valid YAML ({_yaml_problem(err)})") from None
+        except OmegaConfBaseException as err:
+            raise ValueError(f"override {item!r}: {str(err).splitlines()[0]}") from None
+        merged = _merge(merged, node, f"override {item!r}")
     try:
-        merged = schema
-        if path is not None:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        for item in overrides or []:
-            if "=" not in item:
-                raise ValueError(f"override {item!r} is not KEY=VALUE")
-        if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or getattr(err, "key", None)
-        raise ValueError(f"bad config key {key!r}: {str(err).splitlines()[0]}") from None
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        raise ValueError(_omegaconf_message(err)) from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A one-line summary of a YAML error (``problem`` + position when known)."""
+    problem = getattr(err, "problem", None)
+    mark = getattr(err, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(err).split())
+    if mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return str(problem)
+
+
+def _omegaconf_message(err: Exception) -> str:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None)
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return f"bad config key {key!r}: {first}" if key else first
+
+
+def _merge(base: DictConfig, node: object, where: str) -> DictConfig:
+    """``OmegaConf.merge`` with its errors turned into ValueError naming the key."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.merge(base, node)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise ValueError(f"{where}: {_omegaconf_message(err)}") from None
+
+
+def _load_recipe(path: Path) -> DictConfig:
+    """Read a YAML recipe; every failure is a ValueError naming the file."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "does not exist"
+        raise ValueError(f"config file {str(path)!r} {what}")
+    try:
+        node = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {str(path)!r} is not valid YAML ({_yaml_problem(err)})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {str(path)!r} is not UTF-8 text") from None
+    except OSError as err:
+        if err.errno is None:  # OmegaConf's "Invalid loaded object type" for a bare scalar
+            raise ValueError(f"config file {str(path)!r} must be a mapping of config keys ({err})") from None
+        raise ValueError(f"config file {str(path)!r} cannot be read: {err.strerror or err}") from None
+    except OmegaConfBaseException as err:
+        raise ValueError(f"config file {str(path)!r}: {str(err).splitlines()[0]}") from None
+    if not isinstance(node, DictConfig):
+        kind = "a list" if isinstance(node, ListConfig) else type(node).__name__
+        raise ValueError(f"config file {str(path)!r} must be a mapping of config keys, not {kind}")
+    return node
 
 
 def to_yaml(cfg: object) -> str:
@@ -202,7 +264,16 @@ def to_yaml(cfg: object) -> str:
 
 
 def model_config_from_yaml(text: str) -> ModelConfig:
-    """Parse a saved ``config.yaml`` (a resolved :class:`TrainConfig` or bare ModelConfig)."""
+    """Parse a saved ``config.yaml`` (a resolved :class:`TrainConfig` or bare ModelConfig).
+
+    Raises:
+        ValueError: for empty text or a top level that is not a mapping (YAML and
+            OmegaConf errors for malformed text or bad keys propagate as they are).
+    """
     raw = OmegaConf.create(text)
+    if not isinstance(raw, DictConfig):
+        raise ValueError("the top level must be a mapping of config keys")
+    if len(raw) == 0:
+        raise ValueError("it is empty (no config keys)")
     node = raw.model if "model" in raw else raw
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node))  # type: ignore[return-value]

@@ -21,11 +21,17 @@ import torch
 
 from knowedit.checkpoint import STATS_FILE, Checkpoint, load_checkpoint, save_checkpoint
 from knowedit.data.records import EditRequest, Example, requests_from
-from knowedit.inference import PromptError, encode_pair, greedy, teacher_forced
+from knowedit.inference import PromptError, encode_examples, encode_pair, greedy, teacher_forced
 from knowedit.ledger import Event, Ledger, LedgerError, RowChange
-from knowedit.locate import KeySearch, Location, locate, slots_by_pool, trace_fact
+from knowedit.locate import KeySearch, Location, SlotScore, locate, slots_by_pool, trace_fact
 from knowedit.stats import SlotStats, compute_slot_stats
-from knowedit.update import EditOptions, optimise_rows
+from knowedit.update import (
+    EditOptions,
+    Guards,
+    final_layer_rows,
+    optimise_rows,
+    uses_final_pool_only,
+)
 
 CORPUS_FILE = "corpus.jsonl"
 STATS_DOCS_FILE = "slot_stats_docs.jsonl"
@@ -89,6 +95,8 @@ class Editor:
         self._applies: dict[str, Event] = {}
         self._live: dict[str, Event] = {}
         self._reads: dict[str, dict[str, set[int]]] = {}
+        self._freads: dict[str, list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self._bg: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._seq = 0
         self._sync(self.ledger.events())
 
@@ -138,6 +146,11 @@ class Editor:
 
     # ----------------------------------------------------------- live state
     def _write(self, rows: list[RowChange], which: str) -> None:
+        final = self.model.final_memory()
+        if any(final is None or r.pool != final.pool.name for r in rows) or (final and not uses_final_pool_only(self.model, {final.pool.name})):
+            # The residual stream before the last memory layer changes: drop its caches.
+            self._bg = None
+            self._freads.clear()
         with torch.no_grad():
             for r in rows:
                 self.pools[r.pool][r.slot] = getattr(r, which).to(self.pools[r.pool].device)
@@ -180,10 +193,26 @@ class Editor:
 
     def locate(
         self, prompt: str, target: str, subject: str | None = None, widen: int = 1, use_subject: bool = True,
-        idf_source: str = "any",
+        idf_source: str = "any", layers: str = "all",
     ) -> Location:
-        """Rank the slots ``prompt`` reads while predicting ``target`` (see :func:`knowedit.locate.locate`)."""
-        return locate(self.model, self.codec, self.search, self.stats, prompt, target, subject, widen, use_subject, idf_source)
+        """Rank the slots ``prompt`` reads while predicting ``target`` (see :func:`knowedit.locate.locate`).
+
+        ``layers``: ``all`` memory layers, or ``last`` (the last block's only).
+        """
+        return locate(
+            self.model, self.codec, self.search, self.stats, prompt, target, subject, widen, use_subject,
+            idf_source, self._layer_filter(layers),
+        )
+
+    def _layer_filter(self, layers: str) -> list[int] | None:
+        if layers == "all":
+            return None
+        if layers == "last":
+            final = self.model.final_memory()
+            if final is None:
+                raise EditError("layers='last' needs a memory layer in the last block; use layers='all'")
+            return [final.layer]
+        raise EditError(f"layers must be 'last' or 'all', not {layers!r}")
 
     # ---------------------------------------------------------------- edit
     def _guards(self, req: EditRequest, chosen: dict[str, torch.Tensor], overlapping: set[str], n: int) -> list[Example]:
@@ -253,22 +282,27 @@ class Editor:
             t_start = time.perf_counter()
             self._sync(txn.events(after_seq=self._seq))
             t0 = time.perf_counter()
-            loc = self.locate(req.prompt, req.target_new, req.subject, opts.widen, opts.use_subject, opts.idf_source)
+            examples = [Example(req.prompt.strip(), req.target_new.strip()), *self._cophrases(req, opts)]
+            ranked = self._locate_all(examples, req.subject, opts)
             owned = self._owned()
-            naive = loc.top(opts.top_t)
             clash: dict[str, list[tuple[str, int]]] = {}
-            for s in naive:
-                eid = owned.get(s.pool, {}).get(s.slot)
+            for sc in ranked[: opts.top_t]:
+                eid = owned.get(sc.pool, {}).get(sc.slot)
                 if eid is not None:
-                    clash.setdefault(eid, []).append((s.pool, s.slot))
+                    clash.setdefault(eid, []).append((sc.pool, sc.slot))
             if opts.conflict == "avoid" and clash:
-                exclude = {p: set(d) for p, d in owned.items()}
-                picked = loc.top(opts.top_t, exclude)
+                ranked = [sc for sc in ranked if sc.slot not in owned.get(sc.pool, {})]
+            chosen = slots_by_pool(ranked[: opts.top_t])
+            final_only = opts.layers == "last" and uses_final_pool_only(self.model, set(chosen))
+            if final_only:
+                pool, ids = next(iter(chosen.items()))
+                guards = self._final_guards(pool, ids, {e.prompt for e in examples})
+                res = final_layer_rows(self.model, self.codec, examples, ids, guards, opts)
+                n_guard = guards.x_mid.shape[0]
             else:
-                picked = naive
-            chosen = slots_by_pool(picked)
-            guards = self._guards(req, chosen, set(clash), opts.guard_facts)
-            res = optimise_rows(self.model, self.codec, Example(req.prompt, req.target_new), chosen, guards, opts)
+                guards = self._guards(req, chosen, set(clash), opts.guard_facts)
+                res = optimise_rows(self.model, self.codec, examples[0], chosen, guards, opts)
+                n_guard = len(guards)
             compute_ms = (time.perf_counter() - t0) * 1000
             rows = [
                 RowChange(pool, int(slot), self.pools[pool][slot].detach().cpu().clone(), res.rows[pool][i].cpu().clone())
@@ -276,18 +310,21 @@ class Editor:
                 for i, slot in enumerate(ids.tolist())
             ]
             rows = [r for r in rows if not torch.equal(r.before, r.after)]
-            conflicts = [
-                {"edit": eid, "slots": [list(s) for s in sl], "resolution": "avoided" if opts.conflict == "avoid" else "joint"}
-                for eid, sl in clash.items()
-            ]
+            resolution = "avoided" if opts.conflict == "avoid" else "joint, guarded"
+            conflicts = [{"edit": eid, "slots": [list(x) for x in sl], "resolution": resolution} for eid, sl in clash.items()]
             metrics = {
                 "prob_before": round(res.prob_before, 6),
                 "prob_after": round(res.prob_after, 6),
                 "steps": res.steps,
                 "success": res.success,
                 "slots_touched": len(rows),
-                "guards": len(guards),
+                "constraint": opts.constraint if final_only else "kl-guard",
+                "guard_flips": res.guard_flips,
+                "guards": n_guard,
+                "free_dims": res.free_dims,
                 "guard_kl": round(res.guard_kl, 6),
+                "cophrases": [e.prompt for e in examples[1:]],
+                "cophrases_passed": res.edits_passed - int(res.success),
                 "compute_ms": round(compute_ms, 2),
                 "conflicts": conflicts,
             }
@@ -300,12 +337,121 @@ class Editor:
         self._applies[ev.edit_id] = ev
         self._live[ev.edit_id] = ev
         self._seq = ev.seq
-        self._reads[ev.edit_id] = {p: set(t.tolist()) for p, t in loc.reads.items()}
         total_ms = (time.perf_counter() - t_start) * 1000
         # Everything inside the transaction but locate+optimise is ledger work:
         # the lock, syncing, encoding rows, the insert and the durable commit.
         out = dict(metrics, total_ms=round(total_ms, 2), ledger_ms=round(total_ms - compute_ms, 2))
         return EditRecord(ev.edit_id, req.prompt, req.target_new, req.subject, [(r.pool, r.slot) for r in ev.rows], out, conflicts, ev.seq)
+
+    def _cophrases(self, req: EditRequest, opts: EditOptions) -> list[Example]:
+        """Other phrasings of the same fact in the background corpus: documents
+        that name the subject and give the model's current answer to the prompt."""
+        if not (opts.cophrase and req.subject and self.docs):
+            return []
+        old = self.ask(req.prompt)
+        if not old or old == req.target_new.strip():
+            return []
+        prompt = req.prompt.strip()
+        seen, out = {prompt}, []
+        for d in self.docs:
+            if d.answer == old and req.subject in d.prompt and d.prompt not in seen:
+                seen.add(d.prompt)
+                out.append(Example(d.prompt, req.target_new.strip()))
+        return out
+
+    def _locate_all(self, examples: list[Example], subject: str | None, opts: EditOptions) -> list[SlotScore]:
+        """Candidate slots of every example, scores summed per slot, best first."""
+        total: dict[tuple[str, int], SlotScore] = {}
+        for ex in examples:
+            loc = self.locate(ex.prompt, ex.answer, subject, opts.widen, opts.use_subject, opts.idf_source, opts.layers)
+            for sc in loc.ranked:
+                cur = total.get((sc.pool, sc.slot))
+                if cur is None:
+                    total[(sc.pool, sc.slot)] = SlotScore(sc.pool, sc.slot, sc.score, sc.weight, sc.idf)
+                else:
+                    cur.score += sc.score
+                    cur.weight += sc.weight
+        return sorted(total.values(), key=lambda x: (-x.score, x.pool, x.slot))
+
+    def _background(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Residual stream before the last memory layer at every background answer
+        position: (M, C) rows, and per document its first row and first answer position.
+
+        Edits of the last layer's pool never change it, so it is computed once;
+        an edit of any other pool drops it (see :meth:`_write`).
+        """
+        if self._bg is None:
+            xs, first_row, first_pos, n = [], [], [], 0
+            with torch.no_grad():
+                for s in range(0, len(self.docs), 256):
+                    b = encode_examples(self.codec, self.docs[s : s + 256], self.model.cfg.max_seq_len)
+                    b = b.to(next(self.model.parameters()).device)
+                    x = self.model.residual_before_final_ffn(b.ids)
+                    for i in range(b.ids.shape[0]):
+                        st, ln = int(b.answer_start[i]), int(b.answer_len[i])
+                        xs.append(x[i, st : st + ln])
+                        first_row.append(n)
+                        first_pos.append(st)
+                        n += ln
+            self._bg = (torch.cat(xs), torch.tensor(first_row), torch.tensor(first_pos))
+        return self._bg
+
+    def _final_guards(self, pool: str, slots: torch.Tensor, editing: set[str]) -> Guards:
+        """Every position that reads ``slots`` in the last memory layer, except the
+        documents being edited: background answer positions (from the slot
+        statistics) and the live edits' answer positions."""
+        xs, ws = [], []
+        if self.stats is not None and pool in self.stats.inv_ptr and self.docs:
+            col, doc, pos, w = self.stats.reads(pool, slots)
+            if col.numel():
+                keep = torch.tensor([self.docs[d].prompt not in editing for d in doc.tolist()], dtype=torch.bool)
+                col, doc, pos, w = col[keep], doc[keep], pos[keep], w[keep]
+                x_all, first_row, first_pos = self._background()
+                row = first_row[doc] + pos - first_pos[doc]
+                uniq, inv = torch.unique(row, return_inverse=True)
+                a = torch.zeros(uniq.numel(), slots.numel())
+                a.index_put_((inv, col), w.float(), accumulate=True)
+                xs.append(x_all[uniq])
+                ws.append(a)
+        for ev in self._live.values():
+            for prompt, x, r_slots, r_w in self._final_reads(ev):
+                if prompt in editing:  # a re-edit of the same prompt replaces it
+                    continue
+                hit = torch.searchsorted(slots, r_slots).clamp_(max=slots.numel() - 1)
+                m = slots[hit] == r_slots
+                if m.any():
+                    a = torch.zeros(1, slots.numel())
+                    a[0].index_put_((hit[m],), r_w[m], accumulate=True)
+                    xs.append(x[None])
+                    ws.append(a)
+        C = self.model.cfg.d_model
+        return Guards(
+            torch.cat(xs) if xs else torch.zeros(0, C),
+            torch.cat(ws) if ws else torch.zeros(0, slots.numel()),
+        )
+
+    def _final_reads(self, ev: Event) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per answer position of a live edit (and its co-edited phrasings): the
+        prompt, the residual before the last memory layer, and the (slots,
+        weights) that layer reads."""
+        if ev.edit_id not in self._freads:
+            final = self.model.final_memory()
+            out = []
+            if final is not None:
+                target = ev.request["target_new"]
+                for prompt in [ev.request["prompt"], *ev.metrics.get("cophrases", [])]:
+                    b = encode_examples(self.codec, [Example(prompt, target)], self.model.cfg.max_seq_len)
+                    b = b.to(next(self.model.parameters()).device)
+                    trace: list = []
+                    with torch.no_grad():
+                        self.model(b.ids, trace=trace)
+                        x = self.model.residual_before_final_ffn(b.ids)
+                    tr = next(t for t in trace if t.layer == final.layer)
+                    st, ln = int(b.answer_start[0]), int(b.answer_len[0])
+                    for p in range(st, st + ln):
+                        out.append((prompt.strip(), x[0, p], tr.slots[0, p].flatten().cpu(), tr.weights[0, p].flatten().cpu().float()))
+            self._freads[ev.edit_id] = out
+        return self._freads[ev.edit_id]
 
     def edit_many(
         self,

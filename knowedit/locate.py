@@ -10,6 +10,7 @@ exact product top-k. Candidates are ranked by access weight x IDF.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import faiss
@@ -161,6 +162,7 @@ def locate(
     widen: int = 1,
     use_subject: bool = True,
     idf_source: str = "any",
+    layers: Sequence[int] | None = None,
 ) -> Location:
     """Rank the slots that ``prompt`` reads while predicting ``target``.
 
@@ -172,6 +174,7 @@ def locate(
         widen: search ``widen x k`` slots per head instead of the layer's ``k``.
         use_subject: also search the query at the subject's last token.
         idf_source: background usage counted at ``any`` position or at ``answer`` positions.
+        layers: memory layers (transformer layer indices) to search; None: all.
 
     Raises:
         PromptError: for an empty, too long or untokenisable prompt/target.
@@ -182,6 +185,8 @@ def locate(
     weight: dict[str, torch.Tensor] = {}
     reads: dict[str, torch.Tensor] = {}
     for tr in trace:
+        if layers is not None and tr.layer not in layers:
+            continue
         mem = search.layers[tr.layer]
         q = tr.query[0, positions]  # (P, H, Dk)
         scores, ids = search.search(tr.layer, q, widen * mem.cfg.topk)

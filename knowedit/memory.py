@@ -117,7 +117,7 @@ def lookup(values: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, backe
     return kernels.lookup(values, ids, weights, backend=backend)
 
 
-def _patch_correction(
+def patch_correction(
     values: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, patch: RowPatch
 ) -> torch.Tensor:
     """sum_k w_k (patched_row - base_row) for the slots the patch replaces. (..., d_v)."""
@@ -194,7 +194,7 @@ class ProductKeyMemory(nn.Module):
         flat_w = w.flatten(-2).to(self.pool.values.dtype)
         mem = lookup(self.pool.values, flat_ids, flat_w, self.cfg.backend)  # (B, T, d_v)
         if patch is not None:
-            mem = mem + _patch_correction(self.pool.values, flat_ids, flat_w, patch)
+            mem = mem + patch_correction(self.pool.values, flat_ids, flat_w, patch)
         if self.gate is not None:
             mem = mem * F.silu(self.gate(x))
         return self.out(mem) if self.out is not None else mem

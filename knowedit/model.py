@@ -145,6 +145,38 @@ class MemoryLM(nn.Module):
             x = block(x, trace, patches)
         return self.head(self.norm(x))  # (B, T, V)
 
+    def final_memory(self) -> ProductKeyMemory | None:
+        """The memory layer of the last block, if the last block has one."""
+        ffn = self.blocks[-1].ffn
+        return ffn if isinstance(ffn, ProductKeyMemory) else None
+
+    def residual_before_final_ffn(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, C) residual stream after the last block's attention.
+
+        With :meth:`logits_from_final_ffn` this splits :meth:`forward` in two, so an
+        editor that only changes the last memory layer's values can run the
+        frozen prefix once and the cheap, position-wise suffix many times.
+        """
+        T = idx.shape[1]
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device))
+        for block in self.blocks[:-1]:
+            x = block(x, None, None)
+        last = self.blocks[-1]
+        return x + last.attn(last.norm1(x))
+
+    def logits_from_final_ffn(
+        self, x_mid: torch.Tensor, patches: dict[str, RowPatch] | None = None
+    ) -> torch.Tensor:
+        """(..., C) residual after the last attention -> (..., V) logits (position-wise)."""
+        last = self.blocks[-1]
+        h = last.norm2(x_mid)
+        if isinstance(last.ffn, ProductKeyMemory):
+            patch = patches.get(last.ffn.pool.name) if patches else None
+            y = last.ffn(h.unsqueeze(0), patch=patch).squeeze(0)
+        else:
+            y = last.ffn(h)
+        return self.head(self.norm(x_mid + y))
+
 
 def build_model(cfg: ModelConfig, seed: int | None = None) -> MemoryLM:
     """Build a :class:`MemoryLM`, deterministically when ``seed`` is given."""

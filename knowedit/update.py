@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from knowedit.data.records import Example
 from knowedit.inference import encode_examples
-from knowedit.memory import RowPatch
+from knowedit.memory import ProductKeyMemory, RowPatch, lookup, patch_correction
 from knowedit.model import MemoryLM
 from knowedit.tokenizer import TextCodec
 
@@ -28,6 +28,9 @@ class EditOptions:
 
     top_t: int = 64
     """Value rows to update."""
+    layers: str = "last"
+    """Memory layers whose slots may change: ``last`` (the last block's memory layer;
+    fast, since everything before it is frozen) or ``all``."""
     widen: int = 1
     """Search ``widen x k`` slots per head when locating."""
     use_subject: bool = True
@@ -35,20 +38,32 @@ class EditOptions:
     idf_source: str = "any"
     """Background usage for ranking: documents reading a slot at ``any`` position
     (Lin et al. 2025) or only where they predict their ``answer``."""
-    lr: float = 0.05
+    lr: float = 1.0
     """Adam step size for the rows."""
-    max_steps: int = 60
+    max_steps: int = 100
     min_prob: float = 0.6
     """Stop once every target token is the argmax with at least this probability..."""
     kl_tol: float = 0.01
     """...and the guarded facts' mean KL to their pre-edit distribution is at most this."""
     locality_weight: float = 1.0
     """Weight of the KL guard on unrelated facts that read the chosen slots."""
-    guard_facts: int = 32
+    guard_facts: int = 256
     """At most this many background facts are guarded."""
-    conflict: str = "avoid"
-    """Slots of live edits: ``avoid`` (choose other slots) or ``joint`` (share them;
-    the earlier edits are guarded so they keep working)."""
+    conflict: str = "joint"
+    """Slots of live edits: ``joint`` (share them; the earlier edits' reads are kept
+    exactly, or guarded with ``layers=all``) or ``avoid`` (choose other slots)."""
+    constraint: str = "margin"
+    """Final-layer edits: ``margin`` (every background and live-edit position that
+    reads the slots keeps its greedy token by a margin) or ``exact`` (their memory
+    reads do not change at all: null-space projection; leaves less room)."""
+    guard_margin: float = 1.0
+    """Logit margin the guards keep (or their present one, if smaller)."""
+    null_rtol: float = 1e-6
+    """Null-space editing: read directions whose singular value is below this
+    fraction of the largest count as free (0 < x < 1; larger trades locality for room)."""
+    cophrase: bool = True
+    """Also move the fact's other phrasings known to the model (training-corpus
+    documents with the subject and the model's current answer) to the new target."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,15 +78,27 @@ class UpdateResult:
     steps: int
     success: bool
     guard_kl: float
+    free_dims: int = -1
+    """Final-layer editing: dimensions of the search space (-1: not used)."""
+    edits_passed: int = 1
+    guard_flips: int = 0
+    """Guarded positions whose greedy token changed (final-layer editing)."""
 
 
-def _target_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[bool, float, float]:
-    """Edit row only: (all argmax, min prob, mean prob) over scored positions."""
-    m = targets != -100
-    probs = logits.float().softmax(-1)[m]  # (n, V)
-    tgt = targets[m]
+def _target_stats(logits: torch.Tensor, tgt: torch.Tensor) -> tuple[bool, float, float]:
+    """Over the edit's scored positions (n, V) / (n,): (all argmax, min prob, mean answer prob)."""
+    probs = logits.detach().float().softmax(-1)
     p = probs.gather(1, tgt[:, None]).squeeze(1)
-    return bool((probs.argmax(-1) == tgt).all()), float(p.min()), float(p[:-1].mean() if p.numel() > 1 else p.mean())
+    answer = p[:-1] if p.numel() > 1 else p  # the last target is the eos
+    return bool((probs.argmax(-1) == tgt).all()), float(p.min()), float(answer.mean())
+
+
+def uses_final_pool_only(model: MemoryLM, pools: set[str]) -> bool:
+    """True when every pool in ``pools`` is read by the last block's memory layer alone."""
+    final = model.final_memory()
+    if final is None or pools != {final.pool.name}:
+        return False
+    return sum(m.pool is final.pool for m in model.memory_layers()) == 1
 
 
 def optimise_rows(
@@ -83,6 +110,11 @@ def optimise_rows(
     opts: EditOptions,
 ) -> UpdateResult:
     """Optimise the rows ``slots`` so that ``edit.prompt`` is answered ``edit.answer``.
+
+    When the rows belong to a pool that only the last block's memory layer
+    reads, everything before that layer is frozen and position-wise, so the
+    prefix runs once and each step recomputes only the memory read and the
+    head at the scored positions; otherwise each step is a full forward.
 
     Args:
         model: the live model (left untouched; results are returned, not written).
@@ -100,25 +132,38 @@ def optimise_rows(
     }
     patches = {name: RowPatch(slots[name].to(device), rows[name]) for name in rows}
     batch = encode_examples(codec, [edit, *guards], model.cfg.max_seq_len).to(device)
-    scored = batch.targets != -100
-    g_mask = scored[1:]  # (G, T) answer positions of the guards
+    scored = batch.targets != -100  # (B, T)
+    owner = torch.nonzero(scored)[:, 0]  # (M,) which example each scored position belongs to
+    tgt = batch.targets[scored]  # (M,)
+    is_edit = owner == 0
+    if uses_final_pool_only(model, set(slots)):
+        with torch.no_grad():
+            x_mid = model.residual_before_final_ffn(batch.ids)[scored]  # (M, C)
+
+        def run(p: dict[str, RowPatch] | None) -> torch.Tensor:
+            return model.logits_from_final_ffn(x_mid, p)  # (M, V)
+    else:
+
+        def run(p: dict[str, RowPatch] | None) -> torch.Tensor:
+            return model(batch.ids, patches=p)[scored]  # (M, V)
+
     with torch.no_grad():
-        base_logits = model(batch.ids)
-        base_logp = base_logits[1:].float().log_softmax(-1)[g_mask] if guards else None
-    _, _, prob_before = _target_stats(base_logits[:1], batch.targets[:1])
+        base = run(None)
+        base_logp = base[~is_edit].float().log_softmax(-1)
+    _, _, prob_before = _target_stats(base[is_edit], tgt[is_edit])
     opt = torch.optim.Adam(list(rows.values()), lr=opts.lr)
     model.requires_grad_(False)
     steps, success, kl_val = 0, False, 0.0
     try:
         for steps in range(opts.max_steps + 1):
-            logits = model(batch.ids, patches=patches)
-            loss = F.cross_entropy(logits[0], batch.targets[0], ignore_index=-100)
+            logits = run(patches)
+            loss = F.cross_entropy(logits[is_edit], tgt[is_edit])
             if guards:
-                logp = logits[1:].float().log_softmax(-1)[g_mask]
+                logp = logits[~is_edit].float().log_softmax(-1)
                 kl = F.kl_div(logp, base_logp, log_target=True, reduction="batchmean")
                 kl_val = kl.item()
                 loss = loss + opts.locality_weight * kl
-            ok, pmin, _ = _target_stats(logits[:1].detach(), batch.targets[:1])
+            ok, pmin, prob_after = _target_stats(logits[is_edit], tgt[is_edit])
             success = ok and pmin >= opts.min_prob
             if success and (kl_val <= opts.kl_tol or opts.locality_weight == 0):
                 break
@@ -129,8 +174,6 @@ def optimise_rows(
             opt.step()
     finally:
         model.requires_grad_(True)
-    with torch.no_grad():
-        _, _, prob_after = _target_stats(logits[:1], batch.targets[:1])
     dtype = next(iter(pools.values())).values.dtype
     return UpdateResult(
         rows={k: v.detach().to(dtype) for k, v in rows.items()},
@@ -139,6 +182,159 @@ def optimise_rows(
         steps=steps,
         success=success,
         guard_kl=kl_val,
+    )
+
+
+def null_space(constraints: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
+    """Orthonormal basis (t, t - rank) of ``{d : constraints @ d = 0}`` for a (G, t) matrix."""
+    t = constraints.shape[1]
+    if constraints.shape[0] == 0:
+        return torch.eye(t, dtype=torch.float64)
+    _, sv, vh = torch.linalg.svd(constraints.double(), full_matrices=True)
+    rank = int((sv > sv[0] * rtol).sum()) if sv.numel() and sv[0] > 0 else 0
+    return vh[rank:].T.contiguous()
+
+
+class _FinalLayer:
+    """The last block's memory read + head at fixed positions, as a function of the
+    edited rows: selections, the unedited read and the gate are computed once."""
+
+    def __init__(self, model: MemoryLM, x_mid: torch.Tensor, slots: torch.Tensor) -> None:
+        last = model.blocks[-1]
+        mem = last.ffn
+        assert isinstance(mem, ProductKeyMemory)
+        self.model, self.mem, self.x, self.slots = model, mem, x_mid, slots
+        with torch.no_grad():
+            h = last.norm2(x_mid)
+            _, ids, w = mem.select(h)
+            self.ids, self.w = ids.flatten(-2), w.flatten(-2).to(mem.pool.values.dtype)  # (R, H*k)
+            self.read = lookup(mem.pool.values, self.ids, self.w, mem.cfg.backend)  # (R, d_v)
+            self.gate = F.silu(mem.gate(h)) if mem.gate is not None else None
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        """(t, d_v) rows of ``slots`` -> (R, V) logits."""
+        y = self.read + patch_correction(self.mem.pool.values, self.ids, self.w, RowPatch(self.slots, rows))
+        if self.gate is not None:
+            y = y * self.gate
+        if self.mem.out is not None:
+            y = self.mem.out(y)
+        return self.model.head(self.model.norm(self.x + y))
+
+
+@dataclass
+class Guards:
+    """Positions whose greedy token an edit must keep, in the last memory layer.
+
+    Attributes:
+        x_mid: (G, C) residual stream after the last block's attention at each position.
+        weights: (G, t) their read weights on the slots being edited (for ``exact``).
+    """
+
+    x_mid: torch.Tensor
+    weights: torch.Tensor
+
+
+def final_layer_rows(
+    model: MemoryLM,
+    codec: TextCodec,
+    edits: Sequence[Example],
+    slots: torch.Tensor,
+    guards: Guards,
+    opts: EditOptions,
+) -> UpdateResult:
+    """Edit the last block's memory rows ``slots``, keeping every guarded position.
+
+    Only the last memory layer's values change, so everything upstream is
+    frozen and position-wise: the prefix runs once and each step recomputes
+    only the memory read and the head at the edit's positions and at the
+    guards (every background position that reads the slots, and every live
+    edit's). With ``constraint="margin"`` a hinge keeps each guard's current
+    greedy token ahead by ``guard_margin`` (or its present margin, if less);
+    with ``constraint="exact"`` the update is searched in the null space of the
+    guards' read weights, so their memory reads do not change at all (the
+    memory-layer analogue of AlphaEdit's null-space projection; less room).
+
+    Args:
+        model: the live model (left untouched).
+        codec: its tokenizer.
+        edits: prompts with their new answers (the first is the requested edit).
+        slots: (t,) sorted slot ids of the final memory layer's pool.
+        guards: positions to keep.
+        opts: step budget, learning rate, stopping rule, constraint mode.
+    """
+    final = model.final_memory()
+    if final is None:
+        raise ValueError("final-layer editing needs a memory layer in the last block")
+    device = next(model.parameters()).device
+    values = final.pool.values.detach()
+    slots = slots.to(device)
+    base_rows = values[slots].float()
+    if opts.constraint == "exact":
+        basis = null_space(guards.weights, opts.null_rtol).to(device=device, dtype=torch.float32)  # (t, f)
+    else:
+        basis = torch.eye(slots.numel(), device=device)
+    z = torch.zeros(basis.shape[1], values.shape[1], device=device, requires_grad=True)
+    batch = encode_examples(codec, list(edits), model.cfg.max_seq_len).to(device)
+    scored = batch.targets != -100
+    owner = torch.nonzero(scored)[:, 0]
+    tgt = batch.targets[scored]
+    with torch.no_grad():
+        x_edit = model.residual_before_final_ffn(batch.ids)[scored]  # (M, C)
+    x = torch.cat([x_edit, guards.x_mid.to(device)])  # (M + G, C)
+    M = x_edit.shape[0]
+    run = _FinalLayer(model, x, slots)
+
+    def margins(logits: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        """logit of ``tok`` minus the best other logit, per row."""
+        own = logits.gather(1, tok[:, None]).squeeze(1)
+        other = logits.scatter(1, tok[:, None], float("-inf")).amax(1)
+        return own - other
+
+    def passed(logits: torch.Tensor) -> torch.Tensor:
+        """(n_edits,) whether each edit's every target is the argmax with p >= min_prob."""
+        probs = logits.detach().float().softmax(-1)
+        p = probs.gather(1, tgt[:, None]).squeeze(1)
+        ok = (probs.argmax(-1) == tgt) & (p >= opts.min_prob)
+        return torch.zeros(len(edits), dtype=torch.long, device=device).index_add_(0, owner, (~ok).long()) == 0
+
+    with torch.no_grad():
+        base_logits = run(base_rows).float()
+    g_tok = base_logits[M:].argmax(-1)
+    g_keep = margins(base_logits[M:], g_tok).clamp(max=opts.guard_margin)  # (G,)
+    first = owner == 0
+    _, _, prob_before = _target_stats(base_logits[:M][first], tgt[first])
+    steps, logits, flips = 0, base_logits, 0
+    if basis.shape[1] > 0:
+        opt = torch.optim.Adam([z], lr=opts.lr)
+        model.requires_grad_(False)
+        try:
+            for steps in range(opts.max_steps + 1):
+                logits = run(base_rows + basis @ z).float()
+                g_m = margins(logits[M:], g_tok)
+                flips = int((g_m <= 0).sum())
+                if (bool(passed(logits[:M]).all()) and flips == 0) or steps == opts.max_steps:
+                    break
+                loss = F.cross_entropy(logits[:M], tgt)
+                if g_m.numel() and opts.locality_weight > 0:
+                    loss = loss + opts.locality_weight * F.relu(g_keep - g_m).sum() / M
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        finally:
+            model.requires_grad_(True)
+    ok = passed(logits[:M])
+    _, _, prob_after = _target_stats(logits[:M][first], tgt[first])
+    rows = (base_rows + basis @ z).detach().to(values.dtype)
+    return UpdateResult(
+        rows={final.pool.name: rows},
+        prob_before=prob_before,
+        prob_after=prob_after,
+        steps=steps,
+        success=bool(ok[0]),
+        guard_kl=0.0,
+        free_dims=basis.shape[1],
+        edits_passed=int(ok.sum()),
+        guard_flips=flips,
     )
 
 

@@ -91,35 +91,61 @@ def test_override_without_equals_raises() -> None:
         load_train_config(None, ["max_epochs"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: load_train_config lets yaml.YAMLError escape (it only converts "
-    "OmegaConfBaseException), so a malformed override value raises yaml.parser.ParserError, "
-    "not ValueError, and `knowedit train` shows a traceback",
+@pytest.mark.parametrize(
+    "override",
+    ["model.memory_layers=[0", 'name="unclosed', "name=@at", "model.memory={heads: [}"],
 )
-def test_malformed_override_value_raises_value_error() -> None:
+def test_malformed_override_value_raises_value_error(override: str) -> None:
+    # the YAML parser's own error must not escape: the CLI only turns ValueError into a message
+    with pytest.raises(ValueError, match="not valid YAML") as info:
+        load_train_config(None, [override])
+    assert override in str(info.value)
     with pytest.raises(ValueError, match="memory_layers"):
-        load_train_config(None, ["model.memory_layers=[0"])
+        load_train_config(None, ["max_epochs=2", "model.memory_layers=[0"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a recipe that is not YAML raises yaml.parser.ParserError (not ValueError) "
-    "from load_train_config; `knowedit train broken.yaml` shows a traceback",
+@pytest.mark.parametrize(
+    "text",
+    ["model: [1,\n", "name: 'unclosed\n", "model:\n  d_model: 64\n d_model: 32\n", "x: !!python/object:os.system a\n"],
 )
-def test_malformed_yaml_raises_value_error(tmp_path: Path) -> None:
-    with pytest.raises(ValueError):
-        load_train_config(_write(tmp_path, "model: [1,\n"))
+def test_malformed_yaml_raises_value_error(tmp_path: Path, text: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ValueError, match="not valid YAML") as info:
+        load_train_config(path)
+    assert path in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a recipe whose top level is a list raises TypeError ('Cannot merge "
-    "incompatible container types'), not ValueError",
-)
-def test_yaml_list_raises_value_error(tmp_path: Path) -> None:
-    with pytest.raises(ValueError):
-        load_train_config(_write(tmp_path, "- 1\n- 2\n"))
+@pytest.mark.parametrize("text", ["- 1\n- 2\n", "42\n"])
+def test_yaml_list_raises_value_error(tmp_path: Path, text: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ValueError, match="must be a mapping") as info:
+        load_train_config(path)
+    assert path in str(info.value)
+
+
+def test_missing_recipe_raises_value_error(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.yaml")
+    with pytest.raises(ValueError, match="does not exist") as info:
+        load_train_config(missing)
+    assert missing in str(info.value)
+    with pytest.raises(ValueError, match="not a file"):
+        load_train_config(str(tmp_path))
+
+
+def test_non_utf8_recipe_raises_value_error(tmp_path: Path) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(b"name: \xff\xfe\n")
+    with pytest.raises(ValueError, match="UTF-8"):
+        load_train_config(path)
+
+
+def test_empty_recipe_gives_defaults(tmp_path: Path) -> None:
+    assert load_train_config(_write(tmp_path, "")) == TrainConfig()
+
+
+def test_missing_interpolation_raises_value_error() -> None:
+    with pytest.raises(ValueError, match="name"):
+        load_train_config(None, ["name=${nope}"])
 
 
 def test_overrides_beat_yaml_beat_defaults(tmp_path: Path) -> None:

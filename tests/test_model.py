@@ -17,6 +17,7 @@ from knowedit.checkpoint import (
     CheckpointError,
     file_sha256,
     load_checkpoint,
+    model_fingerprint,
     save_checkpoint,
 )
 from knowedit.config import ModelConfig, model_preset
@@ -137,24 +138,68 @@ def test_checkpoint_round_trip(
 
 def test_checkpoint_fingerprint(ckpt: Path) -> None:
     a, b = load_checkpoint(ckpt), load_checkpoint(ckpt)
-    assert a.fingerprint == b.fingerprint == file_sha256(ckpt / MODEL_FILE)
-    assert len(a.fingerprint) == 64
+    assert a.fingerprint == b.fingerprint == model_fingerprint(ckpt / MODEL_FILE)
+    assert len(a.fingerprint) == 64 and int(a.fingerprint, 16) >= 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: safetensors writes the __metadata__ map (tied-tensor aliases + format) in "
-    "hash-map order, so saving the same weights twice gives different model.safetensors bytes "
-    "and a different fingerprint (file_sha256); the ledger binds to that fingerprint",
-)
 def test_saving_same_weights_gives_same_fingerprint(
     tmp_path: Path, model: MemoryLM, codec: TextCodec
 ) -> None:
-    fps = {
-        file_sha256(save_checkpoint(tmp_path / f"c{i}", model, codec) / MODEL_FILE)
-        for i in range(6)
-    }
+    # safetensors writes its header metadata in hash-map order, so the file bytes may
+    # differ between saves; the content fingerprint must not
+    paths = [save_checkpoint(tmp_path / f"c{i}", model, codec) for i in range(6)]
+    fps = {model_fingerprint(p / MODEL_FILE) for p in paths}
     assert len(fps) == 1
+    assert {load_checkpoint(p).fingerprint for p in paths} == fps
+    # a reloaded model saved again is the same model
+    resaved = save_checkpoint(tmp_path / "again", load_checkpoint(paths[0]).model, codec)
+    assert model_fingerprint(resaved / MODEL_FILE) in fps
+
+
+def test_file_sha256_is_the_file_bytes(ckpt: Path) -> None:
+    import hashlib
+
+    assert file_sha256(ckpt / MODEL_FILE) == hashlib.sha256((ckpt / MODEL_FILE).read_bytes()).hexdigest()
+
+
+def test_changing_one_weight_changes_fingerprint(
+    tmp_path: Path, model: MemoryLM, codec: TextCodec, cfg: ModelConfig
+) -> None:
+    base = model_fingerprint(save_checkpoint(tmp_path / "a", model, codec) / MODEL_FILE)
+    other = build_model(cfg, seed=0).eval()
+    with torch.no_grad():
+        (pool,) = other.value_parameters()
+        pool.view(-1)[7] += 1e-3  # one value in the shared memory pool
+    assert model_fingerprint(save_checkpoint(tmp_path / "b", other, codec) / MODEL_FILE) != base
+    other = build_model(cfg, seed=0).eval()
+    with torch.no_grad():
+        other.tok_emb.weight.view(-1)[0] = -other.tok_emb.weight.view(-1)[0]  # tied with the head
+    assert model_fingerprint(save_checkpoint(tmp_path / "c", other, codec) / MODEL_FILE) != base
+    # a fresh model with the same seed is the same weights
+    same = build_model(cfg, seed=0).eval()
+    assert model_fingerprint(save_checkpoint(tmp_path / "d", same, codec) / MODEL_FILE) == base
+
+
+def test_fingerprint_covers_names_and_dtypes(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    fps = set()
+    for i, tensors in enumerate(
+        [
+            {"a": t},
+            {"b": t},  # renamed
+            {"a": t.reshape(3, 2)},  # reshaped, same bytes
+            {"a": t.view(torch.int32)},  # same bytes, other dtype
+            {"a": t.to(torch.bfloat16)},
+            {"a": t, "b": t.clone()},
+        ]
+    ):
+        save_file(tensors, str(tmp_path / f"{i}.safetensors"))
+        fps.add(model_fingerprint(tmp_path / f"{i}.safetensors"))
+    assert len(fps) == 6
+    save_file({"b": t.clone(), "a": t}, str(tmp_path / "swapped.safetensors"), metadata={"x": "1"})
+    assert model_fingerprint(tmp_path / "swapped.safetensors") == model_fingerprint(tmp_path / "5.safetensors")
 
 
 def test_checkpoint_has_no_pickle(ckpt: Path, model: MemoryLM) -> None:
@@ -248,17 +293,27 @@ def test_garbage_tokenizer_raises(ckpt: Path) -> None:
         load_checkpoint(ckpt)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: load_checkpoint does not check tokenizer.json against config.yaml's "
-    "vocab_size; a larger tokenizer loads and later fails with an IndexError in the embedding "
-    "(a traceback from `knowedit ask`)",
-)
 def test_tokenizer_that_does_not_match_model_raises(ckpt: Path) -> None:
     bigger = TextCodec.train(CORPUS + ["Zor Quifa works as a lawyer in Madrid"] * 3, vocab_size=400)
-    assert bigger.vocab_size > load_checkpoint(ckpt).codec.vocab_size
+    small = load_checkpoint(ckpt).codec.vocab_size
+    assert bigger.vocab_size > small
     bigger.save(ckpt / TOKENIZER_FILE)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match=TOKENIZER_FILE) as info:
+        load_checkpoint(ckpt)
+    assert str(bigger.vocab_size) in str(info.value) and str(small) in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["", "  \n\n", "# only a comment\n", "null\n"])
+def test_empty_config_blames_config(ckpt: Path, text: str) -> None:
+    (ckpt / CONFIG_FILE).write_text(text)
+    with pytest.raises(CheckpointError, match=f"{CONFIG_FILE} is not a valid model config.*empty"):
+        load_checkpoint(ckpt)
+
+
+def test_config_without_vocab_size_blames_config(ckpt: Path) -> None:
+    path = ckpt / CONFIG_FILE
+    path.write_text(path.read_text().replace("vocab_size: ", "vocab_size: 0 #"))
+    with pytest.raises(CheckpointError, match=f"{CONFIG_FILE} is not a valid model config.*vocab_size"):
         load_checkpoint(ckpt)
 
 

@@ -94,16 +94,19 @@ def test_train_unknown_recipe(runner: CliRunner, tmp_path: Path) -> None:
     assert_clean_failure(result, "nosuchrecipe")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a malformed override value raises yaml.parser.ParserError in "
-    "load_train_config, which `friendly` does not treat as a user error: traceback, exit 1",
-)
 def test_train_malformed_override_value(runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(
         app, ["train", "debug", "model.memory_layers=[0", "--out", str(tmp_path / "r")]
     )
-    assert_clean_failure(result, "memory_layers")
+    assert_clean_failure(result, "memory_layers", "not valid YAML")
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_malformed_recipe(runner: CliRunner, tmp_path: Path) -> None:
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("model: [1,\n")
+    result = runner.invoke(app, ["train", str(recipe), "--out", str(tmp_path / "r")])
+    assert_clean_failure(result, "broken.yaml", "not valid YAML")
 
 
 def test_ask_json(runner: CliRunner, debug_ckpt: Path) -> None:
