@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from knowedit.data.records import Example
 from knowedit.inference import encode_examples
-from knowedit.memory import ProductKeyMemory, RowPatch, lookup, patch_correction
+from knowedit.memory import ProductKeyMemory, RowPatch, lookup
 from knowedit.model import MemoryLM
 from knowedit.tokenizer import TextCodec
 
@@ -197,28 +197,42 @@ def null_space(constraints: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
 
 class _FinalLayer:
     """The last block's memory read + head at fixed positions, as a function of the
-    edited rows: selections, the unedited read and the gate are computed once."""
+    change ``D`` (t, d_v) to the rows of ``slots``.
+
+    Selections, the unedited read and the gate are computed once; a row's read
+    then changes by ``A[r] @ D`` where ``A[r, j]`` is its total weight on slot j.
+    """
 
     def __init__(self, model: MemoryLM, x_mid: torch.Tensor, slots: torch.Tensor) -> None:
         last = model.blocks[-1]
         mem = last.ffn
         assert isinstance(mem, ProductKeyMemory)
-        self.model, self.mem, self.x, self.slots = model, mem, x_mid, slots
+        self.model, self.mem, self.x = model, mem, x_mid
         with torch.no_grad():
             h = last.norm2(x_mid)
             _, ids, w = mem.select(h)
-            self.ids, self.w = ids.flatten(-2), w.flatten(-2).to(mem.pool.values.dtype)  # (R, H*k)
-            self.read = lookup(mem.pool.values, self.ids, self.w, mem.cfg.backend)  # (R, d_v)
-            self.gate = F.silu(mem.gate(h)) if mem.gate is not None else None
+            ids, w = ids.flatten(-2), w.flatten(-2).float()  # (R, H*k)
+            self.ids, self.w = ids, w
+            self.read = lookup(mem.pool.values, ids, w.to(mem.pool.values.dtype), mem.cfg.backend).float()
+            self.gate = F.silu(mem.gate(h)).float() if mem.gate is not None else None
+            pos = torch.searchsorted(slots, ids).clamp_(max=slots.numel() - 1)
+            hit = slots[pos] == ids
+            self.A = torch.zeros(ids.shape[0], slots.numel(), device=ids.device)
+            self.A.scatter_add_(1, pos, w * hit)  # (R, t)
 
-    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        """(t, d_v) rows of ``slots`` -> (R, V) logits."""
-        y = self.read + patch_correction(self.mem.pool.values, self.ids, self.w, RowPatch(self.slots, rows))
+    def hidden(self, delta: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normed hidden states (R', C) at ``rows`` (default all) for a row change ``delta`` (t, d_v)."""
+        sel = slice(None) if rows is None else rows
+        y = self.read[sel] + self.A[sel] @ delta
         if self.gate is not None:
-            y = y * self.gate
+            y = y * self.gate[sel]
         if self.mem.out is not None:
             y = self.mem.out(y)
-        return self.model.head(self.model.norm(self.x + y))
+        return self.model.norm(self.x[sel] + y)
+
+    def __call__(self, delta: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (R', V) at ``rows`` (default all) for a row change ``delta`` (t, d_v)."""
+        return self.model.head(self.hidden(delta, rows)).float()
 
 
 @dataclass
@@ -281,7 +295,7 @@ def final_layer_rows(
     with torch.no_grad():
         x_edit = model.residual_before_final_ffn(batch.ids)[scored]  # (M, C)
     x = torch.cat([x_edit, guards.x_mid.to(device)])  # (M + G, C)
-    M = x_edit.shape[0]
+    M, G = x_edit.shape[0], guards.x_mid.shape[0]
     run = _FinalLayer(model, x, slots)
 
     def margins(logits: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
@@ -292,31 +306,73 @@ def final_layer_rows(
 
     def passed(logits: torch.Tensor) -> torch.Tensor:
         """(n_edits,) whether each edit's every target is the argmax with p >= min_prob."""
-        probs = logits.detach().float().softmax(-1)
+        probs = logits.detach().softmax(-1)
         p = probs.gather(1, tgt[:, None]).squeeze(1)
         ok = (probs.argmax(-1) == tgt) & (p >= opts.min_prob)
         return torch.zeros(len(edits), dtype=torch.long, device=device).index_add_(0, owner, (~ok).long()) == 0
 
+    zero = torch.zeros(slots.numel(), values.shape[1], device=device)
     with torch.no_grad():
-        base_logits = run(base_rows).float()
+        base_logits = run(zero)
     g_tok = base_logits[M:].argmax(-1)
     g_keep = margins(base_logits[M:], g_tok).clamp(max=opts.guard_margin)  # (G,)
     first = owner == 0
     _, _, prob_before = _target_stats(base_logits[:M][first], tgt[first])
-    steps, logits, flips = 0, base_logits, 0
+    # Guards are scored on a few candidate tokens each (their top ones before the
+    # edit and the edit's targets); a full-vocabulary check confirms before stopping.
+    head_w = model.head.weight.detach()
+    n_top = min(8, base_logits.shape[1])
+    cand = torch.cat([base_logits[M:].topk(n_top, dim=-1).indices, tgt.unique().expand(G, -1)], dim=1)  # (G, c)
+    w_cand = head_w[cand]  # (G, c, C); column 0 is each guard's own token
+
+    def add_candidates(rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Give ``rows`` one more candidate (their new rival) to be scored on."""
+        nonlocal cand, w_cand
+        extra = g_tok.clone()  # equal to the own token: ignored by the margin
+        extra[rows] = tokens
+        cand = torch.cat([cand, extra[:, None]], dim=1)
+        w_cand = head_w[cand]
+
+    def guard_margins(delta: torch.Tensor, rows: torch.Tensor, full: bool = False) -> torch.Tensor:
+        hid = run.hidden(delta, M + rows)
+        if full:
+            return margins(model.head(hid).float(), g_tok[rows])
+        lg = torch.einsum("rd,rcd->rc", hid, w_cand[rows]).float()  # (R, c)
+        return lg[:, 0] - lg[:, 1:].masked_fill(cand[rows, 1:] == g_tok[rows, None], float("-inf")).amax(1)
+
+    # Active set: only guards that lost margin enter the loss; all of them are
+    # re-checked (forward only) every few steps and whenever the edit looks done.
+    active = torch.zeros(G, dtype=torch.bool, device=device)
+    all_g = torch.arange(G, device=device)
+    steps, flips = 0, 0
+    logits = base_logits[:M]
     if basis.shape[1] > 0:
         opt = torch.optim.Adam([z], lr=opts.lr)
         model.requires_grad_(False)
         try:
             for steps in range(opts.max_steps + 1):
-                logits = run(base_rows + basis @ z).float()
-                g_m = margins(logits[M:], g_tok)
-                flips = int((g_m <= 0).sum())
-                if (bool(passed(logits[:M]).all()) and flips == 0) or steps == opts.max_steps:
+                delta = basis @ z
+                logits = run(delta, torch.arange(M, device=device))
+                done = bool(passed(logits).all())
+                if G and (done or steps % 8 == 0 or steps == opts.max_steps):
+                    with torch.no_grad():
+                        g_m = guard_margins(delta, all_g, full=done)
+                        lost = torch.nonzero(g_m < 0).flatten()
+                        if done and lost.numel():  # a token outside the candidates took over
+                            add_candidates(lost, model.head(run.hidden(delta, M + lost)).argmax(-1))
+                            active[lost] = True
+                    flips = int((g_m < 0).sum())
+                    newly = (g_m < g_keep) & ~active
+                    active |= newly
+                    if (done and flips == 0) or steps == opts.max_steps:
+                        break
+                elif done or steps == opts.max_steps:
                     break
-                loss = F.cross_entropy(logits[:M], tgt)
-                if g_m.numel() and opts.locality_weight > 0:
-                    loss = loss + opts.locality_weight * F.relu(g_keep - g_m).sum() / M
+                loss = F.cross_entropy(logits, tgt)
+                if active.any() and opts.locality_weight > 0:
+                    a_idx = torch.nonzero(active).flatten()
+                    g_now = guard_margins(delta, a_idx)
+                    loss = loss + opts.locality_weight * F.relu(g_keep[a_idx] - g_now).sum() / M
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -49,3 +49,26 @@ def debug_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
         warnings.simplefilter("ignore")  # Lightning's small-dataset advice
         train(cfg, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Checkpoint directory of ``recipes/configs/tiny.yaml`` (with ``edits.jsonl``),
+    trained once per session, with its background slot statistics already built
+    (so that copies never compute or write them, e.g. two processes at once).
+
+    Read-only for tests: ``shutil.copytree`` it before opening an Editor on it.
+    """
+    from knowedit.checkpoint import load_checkpoint
+    from knowedit.config import load_train_config
+    from knowedit.editor import CORPUS_FILE, build_stats, read_examples
+    from knowedit.recipes.train import train
+
+    out = tmp_path_factory.mktemp("tiny_ckpt")
+    cfg = load_train_config(str(CONFIG_DIR / "tiny.yaml"), ["logger=none"])
+    cfg.out = str(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's small-dataset advice
+        train(cfg, progress=False)
+    build_stats(load_checkpoint(out), read_examples(out / CORPUS_FILE))
+    return out
