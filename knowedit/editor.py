@@ -320,6 +320,7 @@ class Editor:
                 "slots_touched": len(rows),
                 "constraint": opts.constraint if final_only else "kl-guard",
                 "guard_flips": res.guard_flips,
+                "scale": res.scale,
                 "guards": n_guard,
                 "free_dims": res.free_dims,
                 "guard_kl": round(res.guard_kl, 6),

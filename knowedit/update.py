@@ -83,6 +83,8 @@ class UpdateResult:
     edits_passed: int = 1
     guard_flips: int = 0
     """Guarded positions whose greedy token changed (final-layer editing)."""
+    scale: float = 1.0
+    """Share of the optimised change kept (below 1 when guards forced a backtrack)."""
 
 
 def _target_stats(logits: torch.Tensor, tgt: torch.Tensor) -> tuple[bool, float, float]:
@@ -378,9 +380,22 @@ def final_layer_rows(
                 opt.step()
         finally:
             model.requires_grad_(True)
+    delta = (basis @ z).detach()
+    scale = 1.0
+    if G and flips:
+        # Out of budget with guards still flipped: shrink the change until no
+        # guard flips (scale 0 is the unedited rows). Locality is never traded.
+        with torch.no_grad():
+            for scale in (0.5, 0.25, 0.125, 0.0625, 0.0):
+                if not bool((guard_margins(scale * delta, all_g, full=True) < 0).any()):
+                    break
+        delta = scale * delta
+        with torch.no_grad():
+            logits = run(delta, torch.arange(M, device=device))
+        flips = 0
     ok = passed(logits[:M])
     _, _, prob_after = _target_stats(logits[:M][first], tgt[first])
-    rows = (base_rows + basis @ z).detach().to(values.dtype)
+    rows = (base_rows + delta).to(values.dtype)
     return UpdateResult(
         rows={final.pool.name: rows},
         prob_before=prob_before,
@@ -391,6 +406,7 @@ def final_layer_rows(
         free_dims=basis.shape[1],
         edits_passed=int(ok.sum()),
         guard_flips=flips,
+        scale=scale,
     )
 
 

@@ -27,7 +27,8 @@ def model_dir(tiny_ckpt: Path, tmp_path: Path) -> Path:
 
 
 def _state(ed: Editor) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in ed.model.state_dict().items()}
+    """Every parameter once (a shared pool appears under its ``pools.NAME.values`` name)."""
+    return {k: v.detach().clone() for k, v in ed.model.named_parameters()}
 
 
 @pytest.mark.slow
@@ -57,6 +58,7 @@ def test_fifty_sequential_edits_are_reliable_and_local(model_dir: Path) -> None:
         for pool, slot in rec.slots:
             reported.setdefault(pool, set()).add(slot)
     now = _state(ed)
+    n_changed = 0
     for name, before in base.items():
         diff = (before.view(torch.uint8) != now[name].view(torch.uint8)).reshape(before.shape[0], -1).any(1) if before.dim() else None
         if not name.startswith("pools.") or not name.endswith(".values"):
@@ -65,11 +67,13 @@ def test_fifty_sequential_edits_are_reliable_and_local(model_dir: Path) -> None:
         pool = name.split(".")[1]
         changed = set(torch.nonzero(diff).flatten().tolist())
         assert changed <= reported.get(pool, set()), f"unreported rows changed in {pool}"
-        assert changed, "edits changed no row"
+        n_changed += len(changed)
+    assert n_changed > 0, "edits changed no row"
     # The checkpoint on disk is the base, untouched.
     disk = load_file(str(model_dir / "model.safetensors"))
     for name, t in disk.items():
-        assert torch.equal(t, base[name])
+        if name in base:
+            assert torch.equal(t, base[name])
 
 
 def test_faiss_locate_returns_exactly_the_slots_the_forward_reads(model_dir: Path) -> None:

@@ -1,0 +1,149 @@
+"""``knowedit eval``: sequential-editing evaluation (reliability, generalization,
+locality, teacher-forced and greedy) of one edit method on a checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from knowedit.cli.common import JsonOpt, ModelOpt, console, emit_json, friendly
+
+
+def _fmt(x: object, pct: bool = True) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and pct:
+        return f"{x:.3f}"
+    return str(x)
+
+
+def _parse_options(items: list[str]) -> dict:
+    """``KEY=VALUE`` pairs; values are read as JSON where they parse (numbers, booleans)."""
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"option {item!r} is not KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def results_table(res: dict) -> Table:
+    """The headline numbers of one :func:`knowedit.evaluate.evaluate` result."""
+    table = Table(title=f"{res['method']}: {res['T']} sequential edit(s) on {res['model']}", title_justify="left")
+    table.add_column("metric")
+    table.add_column("teacher-forced", justify="right")
+    table.add_column("greedy", justify="right")
+    table.add_column("scored", justify="right", style="dim")
+    rows = [
+        ("Reliability", "reliability"),
+        ("Generalization", "generalization"),
+        ("Locality", "locality"),
+        ("Base accuracy (true facts, before)", "base_accuracy"),
+        ("New targets before editing", "targets_before"),
+    ]
+    for label, key in rows:
+        m = res[key]
+        table.add_row(label, _fmt(m["teacher_forced"]), _fmt(m["greedy"]), f"{m['prompts']} prompts")
+    table.add_section()
+    t, s = res["edit_seconds"], res["slots_touched"]
+    table.add_row("Success at apply time", _fmt(res["success_rate"]), "", "")
+    table.add_row("Edit time (s): median / p95 / total", f"{t['median']:.3f} / {t['p95']:.3f} / {t['total']:.1f}", "", "")
+    table.add_row("Slots touched per edit (median)", f"{s['median']:.0f}", "", "")
+    table.add_row("Parameters touched per edit (median)", f"{res['params_touched']['median']:.0f}", "", "")
+    table.add_row("Optimiser steps per edit (median)", f"{res['steps']['median']:.0f}", "", "")
+    return table
+
+
+def plot_retention(results: list[dict], path: Path) -> Path:
+    """Teacher-forced reliability on edits 1..t against t, one line per result."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for res in results:
+        curve = [p for p in res["retention"] if p["reliability"] is not None]
+        ax.plot([p["t"] for p in curve], [p["reliability"] for p in curve], marker="o", label=f"{res['method']} (T={res['T']})")
+    ax.set_xlabel("edits applied (t)")
+    ax.set_ylabel("reliability on edits 1..t (teacher-forced)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def eval_cmd(
+    model: ModelOpt,
+    edits: Annotated[Path, typer.Option("--edits", "-e", help="EasyEdit-format records (JSON list or JSONL).")],
+    n: Annotated[int | None, typer.Option("--n", help="Edits to apply sequentially (T); default: all records.")] = None,
+    method: Annotated[str, typer.Option("--method", help="sparse (knowedit), ft, ft-memory or lora.")] = "sparse",
+    option: Annotated[
+        list[str] | None, typer.Option("--option", help="Method setting KEY=VALUE, e.g. max_steps=50 (repeatable).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the full results as JSON here.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write the retention-curve PNG into this directory.")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, or auto.")] = "cpu",
+    json_out: JsonOpt = False,
+) -> None:
+    """Apply T edits one after another, then score the final model on all T:
+    reliability, generalization and locality, teacher-forced and greedy.
+
+    Never writes the model directory or its ledger: the sparse method edits a
+    temporary copy with a throwaway ledger; the baselines an in-memory model.
+    """
+    from knowedit.baselines import METHODS
+    from knowedit.data import load_records
+    from knowedit.evaluate import evaluate
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if n is not None and n < 1:
+        raise ValueError(f"--n must be at least 1, got {n}")
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    options = _parse_options(option or [])
+    reqs = load_records(edits)
+    if not reqs:
+        raise ValueError(f"{edits} holds no records")
+    total = min(n, len(reqs)) if n is not None else len(reqs)
+    with Progress(
+        TextColumn(f"{method}: editing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, disable=json_out, transient=True,
+    ) as bar:
+        task = bar.add_task("edit", total=total)
+        res = evaluate(model, reqs, n=n, method=method, options=options, device=device,
+                       on_edit=lambda _t, _o: bar.advance(task))
+    res["edits_file"] = str(edits)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2))
+    if plot is not None:
+        res["plot"] = str(plot_retention([res], plot / f"retention-{method}-T{res['T']}.png"))
+    if json_out:
+        emit_json(res)
+        return
+    console.print(results_table(res))
+    if out is not None:
+        console.print(f"results: {out}")
+    if plot is not None:
+        console.print(f"retention curve: {res['plot']}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(friendly(eval_cmd))
