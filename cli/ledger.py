@@ -97,9 +97,20 @@ def verify(model: ModelOpt, ledger: LedgerOpt = None, json_out: JsonOpt = False)
 
     if ledger is None and not (model / "ledger.db").is_file():
         raise fail(f"no ledger at {model / 'ledger.db'}: no edit has been applied yet")
-    with Editor.open(model, ledger=ledger) as ed:
-        problems = ed.verify()
-        n = len(ed.history())
+    from knowedit.ledger import LedgerError
+
+    try:
+        with Editor.open(model, ledger=ledger) as ed:
+            problems = ed.verify()
+            n = len(ed.history())
+    except LedgerError as err:
+        # The ledger cannot even be replayed: report what the hash chain says.
+        led = _open_ledger(model, ledger)
+        try:
+            problems = led.verify_chain() or [str(err)]
+            n = led.last_seq()
+        finally:
+            led.close()
     if json_out:
         emit_json({"ok": not problems, "events": n, "problems": problems})
     elif problems:

@@ -46,6 +46,7 @@ from knowedit.data.records import EditRequest, Example
 from knowedit.inference import encode_examples
 from knowedit.memory import ProductKeyMemory
 from knowedit.model import FeedForward, MemoryLM
+from knowedit.tokenizer import TextCodec
 from knowedit.update import EditOptions, _target_stats
 
 _EDIT_DEFAULTS = EditOptions()
@@ -78,11 +79,14 @@ class BaselineOptions:
 DEFAULT_LR = {"ft": 3e-4, "ft-memory": 1e-2, "lora": 3e-3}
 
 
-class _Method:
+class BaseMethod:
     """Common shape of a method: ``model``, ``codec``, ``settings``, ``apply``, ``close``."""
 
     name = ""
     model: MemoryLM
+    codec: TextCodec
+    settings: dict
+    """Everything that shaped the edits (learning rate, budget, ...), for the report."""
 
     def apply(self, req: EditRequest) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -90,7 +94,7 @@ class _Method:
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> _Method:
+    def __enter__(self) -> BaseMethod:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -108,7 +112,7 @@ def _check_dir(model_dir: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------ sparse
-class SparseEdit(_Method):
+class SparseEdit(BaseMethod):
     """knowedit's Editor on a temporary copy of the checkpoint and a throwaway ledger.
 
     The copy keeps the user's directory untouched (the Editor may write slot
@@ -163,7 +167,7 @@ class SparseEdit(_Method):
 # ------------------------------------------------------------------- dense
 def fit_edit(
     model: MemoryLM,
-    codec: object,
+    codec: TextCodec,
     example: Example,
     params: list[torch.Tensor],
     lr: float,
@@ -181,7 +185,7 @@ def fit_edit(
         (success, steps taken).
     """
     device = next(model.parameters()).device
-    batch = encode_examples(codec, [example], model.cfg.max_seq_len).to(device)  # type: ignore[arg-type]
+    batch = encode_examples(codec, [example], model.cfg.max_seq_len).to(device)
     scored = batch.targets != -100  # (1, T)
     tgt = batch.targets[scored]  # (n,) answer tokens + eos
     opt = torch.optim.Adam(params, lr=lr)
@@ -247,7 +251,7 @@ def lora_targets(model: MemoryLM) -> dict[str, nn.Linear]:
     return out
 
 
-class _Dense(_Method):
+class _Dense(BaseMethod):
     """A baseline on an in-memory copy of the checkpoint (no ledger)."""
 
     lora_only = ("rank", "alpha", "seed")
@@ -373,7 +377,7 @@ class LoRAEdit(_Dense):
 
 
 #: Method name -> constructor ``(model_dir, options, device)``.
-METHODS: dict[str, Callable[..., _Method]] = {
+METHODS: dict[str, Callable[..., BaseMethod]] = {
     "sparse": SparseEdit,
     "ft": FineTune,
     "ft-memory": FineTuneMemory,
@@ -383,7 +387,7 @@ METHODS: dict[str, Callable[..., _Method]] = {
 
 def open_method(
     name: str, model_dir: str | Path, options: Mapping[str, object] | None = None, device: str = "cpu"
-) -> _Method:
+) -> BaseMethod:
     """Open an edit method on a checkpoint directory (use it as a context manager).
 
     Args:
@@ -405,6 +409,7 @@ def open_method(
 __all__ = [
     "DEFAULT_LR",
     "METHODS",
+    "BaseMethod",
     "BaselineOptions",
     "FineTune",
     "FineTuneMemory",

@@ -187,8 +187,13 @@ class Editor:
         return self._reads[ev.edit_id]
 
     # ----------------------------------------------------------------- ask
+    def refresh(self) -> None:
+        """Replay edits that other processes committed since this Editor last looked."""
+        self._sync(self.ledger.events(after_seq=self._seq))
+
     def ask(self, prompt: str, max_new_tokens: int = 8) -> str:
         """Greedy completion of ``prompt`` by the live (edited) model."""
+        self.refresh()
         return greedy(self.model, self.codec, [prompt], max_new_tokens=max_new_tokens)[0]
 
     def locate(
@@ -240,16 +245,10 @@ class Editor:
         return out
 
     def _options(self, options: Mapping[str, object]) -> EditOptions:
-        known = {f.name for f in fields(EditOptions)}
-        bad = sorted(set(options) - known)
-        if bad:
-            raise EditError(f"unknown edit option(s) {bad}; known: {sorted(known)}")
-        opts = EditOptions(**options)  # type: ignore[arg-type]
-        if opts.top_t < 1 or opts.widen < 1 or opts.max_steps < 0:
-            raise EditError("top_t and widen must be >= 1, max_steps >= 0")
-        if opts.conflict not in ("avoid", "joint"):
-            raise EditError("conflict must be 'avoid' or 'joint'")
-        return opts
+        try:
+            return EditOptions.from_mapping(options)
+        except ValueError as err:
+            raise EditError(str(err)) from None
 
     def _check(self, req: EditRequest) -> None:
         encode_pair(self.codec, req.prompt, req.target_new, self.model.cfg.max_seq_len)
@@ -349,7 +348,7 @@ class Editor:
         that name the subject and give the model's current answer to the prompt."""
         if not (opts.cophrase and req.subject and self.docs):
             return []
-        old = self.ask(req.prompt)
+        old = greedy(self.model, self.codec, [req.prompt])[0]  # inside the transaction: no refresh
         if not old or old == req.target_new.strip():
             return []
         prompt = req.prompt.strip()
@@ -564,6 +563,8 @@ class Editor:
         return self.ledger.events()
 
     def live_edits(self) -> list[str]:
+        """Ids of the live (applied, not reverted) edits, oldest first."""
+        self.refresh()
         return [e.edit_id for e in sorted(self._live.values(), key=lambda e: e.seq)]
 
     def verify(self) -> list[str]:
@@ -572,6 +573,7 @@ class Editor:
         Returns:
             Problems found (empty when the ledger and the model agree).
         """
+        self.refresh()
         problems = list(self.ledger.verify_chain())
         state = {name: v.clone() for name, v in self.base.items()}
         applies: dict[str, Event] = {}

@@ -133,9 +133,7 @@ def _same(a: str, b: str) -> float:
     return float(a.strip() == b.strip())
 
 
-def _score(
-    scorer: Scorer, groups: Sequence[Sequence[Example]], expected: Sequence[Sequence[str]] | None = None
-) -> dict:
+def _score(scorer: Scorer, groups: Sequence[Sequence[Example]]) -> dict:
     """Score prompt -> answer groups (one group per edit) in both modes, batched.
 
     Each edit's prompts are averaged first, then the edits (edits without
@@ -144,16 +142,13 @@ def _score(
 
     Args:
         scorer: the model.
-        groups: per edit, the examples to score (teacher-forced on ``answer``).
-        expected: per edit, what greedy decoding must produce (default: each
-            example's ``answer``).
+        groups: per edit, the examples to score (greedy must produce ``answer``).
     """
     flat = [e for g in groups for e in g]
     sizes = [len(g) for g in groups]
-    want = [a for g in expected for a in g] if expected is not None else [e.answer for e in flat]
     tf = scorer.teacher_forced(flat) if flat else []
     got = scorer.greedy([e.prompt for e in flat]) if flat else []
-    gr = [_same(g, w) for g, w in zip(got, want)]
+    gr = [_same(g, e.answer) for g, e in zip(got, flat)]
     per_tf, per_gr = _per_edit(tf, sizes), _per_edit(gr, sizes)
     return {
         "teacher_forced": _mean(per_tf),

@@ -8,9 +8,10 @@ unrelated facts that read the same slots (KL to their pre-edit distribution).
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,42 @@ class EditOptions:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, object]) -> EditOptions:
+        """Validated options; ``ValueError`` names an unknown option or a bad value."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ValueError(f"unknown edit option(s) {unknown}; known: {sorted(known)}")
+        for name, value in options.items():
+            kind = type(known[name].default)
+            ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                ok = True
+            if not ok:
+                raise ValueError(f"edit option {name} must be {kind.__name__}, not {value!r}")
+        opts = cls(**options)  # type: ignore[arg-type]
+        checks = [
+            (opts.top_t >= 1, "top_t must be >= 1"),
+            (opts.widen >= 1, "widen must be >= 1"),
+            (opts.max_steps >= 0, "max_steps must be >= 0"),
+            (math.isfinite(opts.lr) and opts.lr > 0, "lr must be a positive number"),
+            (0 < opts.min_prob <= 1, "min_prob must be in (0, 1]"),
+            (math.isfinite(opts.kl_tol) and opts.kl_tol >= 0, "kl_tol must be >= 0"),
+            (math.isfinite(opts.locality_weight) and opts.locality_weight >= 0, "locality_weight must be >= 0"),
+            (math.isfinite(opts.guard_margin) and opts.guard_margin >= 0, "guard_margin must be >= 0"),
+            (opts.guard_facts >= 0, "guard_facts must be >= 0"),
+            (0 < opts.null_rtol < 1, "null_rtol must be in (0, 1)"),
+            (opts.layers in ("last", "all"), "layers must be 'last' or 'all'"),
+            (opts.idf_source in ("any", "answer"), "idf_source must be 'any' or 'answer'"),
+            (opts.constraint in ("margin", "exact"), "constraint must be 'margin' or 'exact'"),
+            (opts.conflict in ("joint", "avoid"), "conflict must be 'joint' or 'avoid'"),
+        ]
+        for good, message in checks:
+            if not good:
+                raise ValueError(message)
+        return opts
 
 
 @dataclass
@@ -346,7 +383,7 @@ def final_layer_rows(
     # re-checked (forward only) every few steps and whenever the edit looks done.
     active = torch.zeros(G, dtype=torch.bool, device=device)
     all_g = torch.arange(G, device=device)
-    steps, flips = 0, 0
+    steps, flips, done = 0, 0, False
     logits = base_logits[:M]
     if basis.shape[1] > 0:
         opt = torch.optim.Adam([z], lr=opts.lr)
@@ -382,6 +419,9 @@ def final_layer_rows(
             model.requires_grad_(True)
     delta = (basis @ z).detach()
     scale = 1.0
+    if G and not (done and flips == 0):  # the loop's last check was not a full one
+        with torch.no_grad():
+            flips = int((guard_margins(delta, all_g, full=True) < 0).sum())
     if G and flips:
         # Out of budget with guards still flipped: shrink the change until no
         # guard flips (scale 0 is the unedited rows). Locality is never traded.
