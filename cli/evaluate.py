@@ -14,12 +14,8 @@ from rich.table import Table
 from knowedit.cli.common import JsonOpt, ModelOpt, console, emit_json, friendly
 
 
-def _fmt(x: object, pct: bool = True) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float) and pct:
-        return f"{x:.3f}"
-    return str(x)
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def _parse_options(items: list[str]) -> dict:
@@ -36,31 +32,34 @@ def _parse_options(items: list[str]) -> dict:
     return out
 
 
-def results_table(res: dict) -> Table:
-    """The headline numbers of one :func:`knowedit.evaluate.evaluate` result."""
-    table = Table(title=f"{res['method']}: {res['T']} sequential edit(s) on {res['model']}", title_justify="left")
-    table.add_column("metric")
-    table.add_column("teacher-forced", justify="right")
-    table.add_column("greedy", justify="right")
-    table.add_column("scored", justify="right", style="dim")
+def results_tables(res: dict) -> tuple[Table, Table]:
+    """The headline numbers of one :func:`knowedit.evaluate.evaluate` result:
+    the scores in both modes, and what the edits cost."""
+    scores = Table(title=f"{res['method']}: {res['T']} sequential edit(s) on {res['model']}", title_justify="left")
+    scores.add_column("final model")
+    scores.add_column("teacher-forced", justify="right")
+    scores.add_column("greedy", justify="right")
+    scores.add_column("scored", justify="right", style="dim")
     rows = [
         ("Reliability", "reliability"),
         ("Generalization", "generalization"),
         ("Locality", "locality"),
-        ("Base accuracy (true facts, before)", "base_accuracy"),
+        ("Base accuracy (true facts, before editing)", "base_accuracy"),
         ("New targets before editing", "targets_before"),
     ]
     for label, key in rows:
         m = res[key]
-        table.add_row(label, _fmt(m["teacher_forced"]), _fmt(m["greedy"]), f"{m['prompts']} prompts")
-    table.add_section()
-    t, s = res["edit_seconds"], res["slots_touched"]
-    table.add_row("Success at apply time", _fmt(res["success_rate"]), "", "")
-    table.add_row("Edit time (s): median / p95 / total", f"{t['median']:.3f} / {t['p95']:.3f} / {t['total']:.1f}", "", "")
-    table.add_row("Slots touched per edit (median)", f"{s['median']:.0f}", "", "")
-    table.add_row("Parameters touched per edit (median)", f"{res['params_touched']['median']:.0f}", "", "")
-    table.add_row("Optimiser steps per edit (median)", f"{res['steps']['median']:.0f}", "", "")
-    return table
+        scores.add_row(label, _fmt(m["teacher_forced"]), _fmt(m["greedy"]), f"{m['prompts']} prompts")
+    t = res["edit_seconds"]
+    cost = Table(title="per edit", title_justify="left")
+    cost.add_column("")
+    cost.add_column("value", justify="right")
+    cost.add_row("Success at apply time", f"{res['success_rate']:.3f}")
+    cost.add_row("Edit time, s: median / p95 / total", f"{t['median']:.3f} / {t['p95']:.3f} / {t['total']:.1f}")
+    cost.add_row("Slots touched (median)", f"{res['slots_touched']['median']:.0f}")
+    cost.add_row("Parameters touched (median)", f"{res['params_touched']['median']:.0f}")
+    cost.add_row("Optimiser steps (median)", f"{res['steps']['median']:.0f}")
+    return scores, cost
 
 
 def plot_retention(results: list[dict], path: Path) -> Path:
@@ -97,6 +96,7 @@ def eval_cmd(
     out: Annotated[Path | None, typer.Option("--out", help="Write the full results as JSON here.")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write the retention-curve PNG into this directory.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, or auto.")] = "cpu",
+    threads: Annotated[int, typer.Option(help="CPU threads for torch (0: its default; 1 is fastest on a busy machine).")] = 0,
     json_out: JsonOpt = False,
 ) -> None:
     """Apply T edits one after another, then score the final model on all T:
@@ -113,9 +113,13 @@ def eval_cmd(
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if n is not None and n < 1:
         raise ValueError(f"--n must be at least 1, got {n}")
-    if device == "auto":
-        import torch
+    import torch
 
+    if threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
+    if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     options = _parse_options(option or [])
     reqs = load_records(edits)
@@ -130,6 +134,7 @@ def eval_cmd(
         res = evaluate(model, reqs, n=n, method=method, options=options, device=device,
                        on_edit=lambda _t, _o: bar.advance(task))
     res["edits_file"] = str(edits)
+    res["threads"] = torch.get_num_threads()
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=2))
@@ -138,7 +143,8 @@ def eval_cmd(
     if json_out:
         emit_json(res)
         return
-    console.print(results_table(res))
+    for table in results_tables(res):
+        console.print(table)
     if out is not None:
         console.print(f"results: {out}")
     if plot is not None:

@@ -128,12 +128,12 @@ class SparseEdit(BaseMethod):
 
         src = _check_dir(model_dir)
         self.options = dict(options or {})
+        opts = EditOptions.from_mapping(self.options)  # ValueError naming a bad option
         self._tmp = Path(tempfile.mkdtemp(prefix="knowedit-eval-"))
         try:
             copy = self._tmp / "model"
             shutil.copytree(src, copy, ignore=shutil.ignore_patterns("ledger.db*", "logs", "lightning_logs"))
             self.editor = Editor.open(copy, ledger=str(self._tmp / "ledger.db"), device=device, author="knowedit eval")
-            opts = self.editor._options(self.options)  # validates the names and values (EditError)
         except BaseException:
             shutil.rmtree(self._tmp, ignore_errors=True)
             raise
@@ -262,11 +262,23 @@ class _Dense(BaseMethod):
         bad = sorted(set(options or {}) - allowed)
         if bad:
             raise ValueError(f"unknown option(s) {bad} for method {self.name!r}; known: {sorted(allowed)}")
+        for key, value in (options or {}).items():
+            kind = type(getattr(BaselineOptions, key))
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and (kind is float or isinstance(value, int))):
+                raise ValueError(f"option {key} must be {kind.__name__}, not {value!r}")
         self.opts = BaselineOptions(**dict(options or {}))  # type: ignore[arg-type]
         if not self.opts.lr:
             self.opts.lr = DEFAULT_LR[self.name]
-        if self.opts.lr <= 0 or self.opts.max_steps < 0 or not 0 < self.opts.min_prob <= 1 or self.opts.rank < 1:
-            raise ValueError("need lr > 0, max_steps >= 0, 0 < min_prob <= 1 and rank >= 1")
+        o = self.opts
+        for good, message in [
+            (math.isfinite(o.lr) and o.lr > 0, "lr must be a positive number"),
+            (o.max_steps >= 0, "max_steps must be >= 0"),
+            (0 < o.min_prob <= 1, "min_prob must be in (0, 1]"),
+            (o.rank >= 1 and math.isfinite(o.alpha), "rank must be >= 1 and alpha finite"),
+        ]:
+            if not good:
+                raise ValueError(message)
         ck = load_checkpoint(_check_dir(model_dir), device=device)
         self.model, self.codec = ck.model, ck.codec
         self.model.eval()
@@ -289,13 +301,17 @@ class _Dense(BaseMethod):
         return self._trainable()
 
     def warm_up(self, req: EditRequest) -> None:
-        """One forward and backward pass on ``req`` with no step, so first-call
-        overheads are not timed as the first edit's."""
+        """One forward and backward pass on ``req`` (no step on the model) and one
+        Adam step on a dummy, so first-call overheads are not timed as edit 1's."""
         batch = encode_examples(self.codec, [Example(req.prompt, req.target_new)], self.model.cfg.max_seq_len)
         batch = batch.to(next(self.model.parameters()).device)
         logits = self.model(batch.ids)
         F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=-100).backward()
         self.model.zero_grad(set_to_none=True)
+        # The first Adam step in a process pays for lazy imports (about 1 s on CPU).
+        dummy = torch.zeros(1, device=logits.device, requires_grad=True)
+        dummy.grad = torch.zeros_like(dummy)
+        torch.optim.Adam([dummy]).step()
 
     def _fit(self, ex: Example) -> tuple[bool, int]:
         params = list(self._trainable().values())

@@ -57,8 +57,11 @@ class EditOptions:
     """Final-layer edits: ``margin`` (every background and live-edit position that
     reads the slots keeps its greedy token by a margin) or ``exact`` (their memory
     reads do not change at all: null-space projection; leaves less room)."""
-    guard_margin: float = 1.0
+    guard_margin: float = 0.5
     """Logit margin the guards keep (or their present one, if smaller)."""
+    cophrase_steps: int = 30
+    """Once the prompt itself passes, stop after this many steps even if some
+    co-phrasings do not pass yet."""
     null_rtol: float = 1e-6
     """Null-space editing: read directions whose singular value is below this
     fraction of the largest count as free (0 < x < 1; larger trades locality for room)."""
@@ -88,6 +91,7 @@ class EditOptions:
             (opts.top_t >= 1, "top_t must be >= 1"),
             (opts.widen >= 1, "widen must be >= 1"),
             (opts.max_steps >= 0, "max_steps must be >= 0"),
+            (opts.cophrase_steps >= 0, "cophrase_steps must be >= 0"),
             (math.isfinite(opts.lr) and opts.lr > 0, "lr must be a positive number"),
             (0 < opts.min_prob <= 1, "min_prob must be in (0, 1]"),
             (math.isfinite(opts.kl_tol) and opts.kl_tol >= 0, "kl_tol must be >= 0"),
@@ -392,7 +396,9 @@ def final_layer_rows(
             for steps in range(opts.max_steps + 1):
                 delta = basis @ z
                 logits = run(delta, torch.arange(M, device=device))
-                done = bool(passed(logits).all())
+                ok_now = passed(logits)
+                # Co-phrasings get up to ``cophrase_steps``; the prompt itself the whole budget.
+                done = bool(ok_now.all()) or (bool(ok_now[0]) and steps >= opts.cophrase_steps)
                 if G and (done or steps % 8 == 0 or steps == opts.max_steps):
                     with torch.no_grad():
                         g_m = guard_margins(delta, all_g, full=done)

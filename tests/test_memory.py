@@ -167,6 +167,7 @@ def test_training_step_changes_only_read_rows_of_shared_pool() -> None:
     """The recipe's step (AdamW + SparseAdam) on a model touches only the rows it read."""
     cfg = model_preset("tiny")
     cfg.vocab_size = 40
+    cfg.memory.shared_values = True
     model = build_model(cfg, seed=0)
     (pool,) = model.value_parameters()
     idx = torch.randint(0, 40, (2, 6))
@@ -247,7 +248,7 @@ def test_trace_per_memory_layer() -> None:
         n_heads=2,
         max_seq_len=12,
         memory_layers=[0, 2],
-        memory=MemoryConfig(n_keys=5, heads=3, topk=4, key_dim=6),
+        memory=MemoryConfig(n_keys=5, heads=3, topk=4, key_dim=6, shared_values=True),
     )
     model = build_model(cfg, seed=0)
     B, T = 2, 7
@@ -363,6 +364,7 @@ def test_model_patch_is_causal() -> None:
     cfg.vocab_size = 30
     cfg.memory.n_keys = 4
     cfg.memory.topk = 2
+    cfg.memory.shared_values = True
     model = build_model(cfg, seed=1).double()
     idx = torch.randint(0, 30, (2, 10), generator=torch.Generator().manual_seed(0))
     trace: list[MemoryTrace] = []

@@ -40,6 +40,7 @@ def codec() -> TextCodec:
 def cfg(codec: TextCodec) -> ModelConfig:
     c = model_preset("tiny")
     c.vocab_size = codec.vocab_size
+    c.memory.shared_values = True  # these tests exercise a shared pool
     return c
 
 
