@@ -53,7 +53,8 @@ import torch.nn.functional as F
 from torch import nn
 
 _RESULT_TAG = "MEMORY_SCALING_RESULT "
-# Other processes using more cores than this while a case runs inflate its timings.
+# Other processes using more than this many cores beyond those the benchmark leaves free
+# (nproc - threads) while a case runs inflate its timings.
 _BUSY_CORES = 0.3
 
 
@@ -119,7 +120,7 @@ class _OtherLoad:
         return max(other, 0.0) / wall, (steal - self.steal) / wall
 
 
-def _wait_idle(max_wait_s: float, threshold: float = _BUSY_CORES, window_s: float = 3.0) -> float:
+def _wait_idle(max_wait_s: float, threshold: float, window_s: float = 3.0) -> float:
     """Wait (at most ``max_wait_s``) until other processes use < ``threshold`` cores.
 
     Returns:
@@ -457,14 +458,14 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=0,
         help="rerun a case (up to this many times) when other processes used more than "
-        f"{_BUSY_CORES} cores while it ran",
+        f"nproc - threads + {_BUSY_CORES} cores while it ran",
     )
     p.add_argument(
         "--wait-idle",
         type=float,
         default=0.0,
         help="before each case wait up to this many seconds for other processes "
-        f"to go quiet (< {_BUSY_CORES} cores); 0: don't wait",
+        f"to go quiet (< nproc - threads + {_BUSY_CORES} cores); 0: don't wait",
     )
     p.add_argument("--json-out", type=str, default=None, help="write results as JSON here")
     p.add_argument("--_worker", type=str, default=None, help=argparse.SUPPRESS)
@@ -506,8 +507,11 @@ def main(argv: list[str] | None = None) -> None:
         "repeats": args.repeats,
         "warmup": args.warmup,
     }
+    spare = max(0, (os.cpu_count() or 1) - torch.get_num_threads())
+    busy_limit = spare + _BUSY_CORES
+    meta["busy_limit_cores"] = busy_limit
     if args.wait_idle:
-        _wait_idle(args.wait_idle)
+        _wait_idle(args.wait_idle, busy_limit)
     gflops = _gemm_gflops(args.dim, tokens)
     meta["gemm_gflops"] = round(gflops, 1)
     print(
@@ -554,7 +558,7 @@ def main(argv: list[str] | None = None) -> None:
                 row["params"] = mem_params
             for attempt in range(args.retry_busy + 1):
                 if args.wait_idle:
-                    _wait_idle(args.wait_idle)
+                    _wait_idle(args.wait_idle, busy_limit)
                 t0 = time.perf_counter()
                 load = _OtherLoad()
                 res = _run_worker(spec, timeout_s=max(120.0, 4 * args.ffn_budget_s))
@@ -564,7 +568,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"{other:.2f} cores, steal {steal:.2f}",
                     file=sys.stderr,
                 )
-                if other < _BUSY_CORES or "skipped" in res or attempt == args.retry_busy:
+                if other < busy_limit or "skipped" in res or attempt == args.retry_busy:
                     break
             row.update(res)
             row["other_cpu_cores"] = round(other, 2)
@@ -578,7 +582,7 @@ def main(argv: list[str] | None = None) -> None:
         f"\nmedian ms; {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}; "
         f"batch {args.batch}x{args.seq}, dim {args.dim}, {args.heads} heads, top-{args.topk}, "
         f"key_dim {args.key_dim}, fp32; total {meta['total_s']} s; 'other CPU' = cores used by "
-        f"other processes while the case ran (> {_BUSY_CORES} inflates the timings)"
+        f"other processes while the case ran (> {busy_limit:.1f} inflates the timings)"
     )
     if args.json_out:
         os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)

@@ -128,6 +128,14 @@ class UpdateResult:
     """Share of the optimised change kept (below 1 when guards forced a backtrack)."""
 
 
+def margins(logits: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+    """(R,) logit of ``tok`` minus the best other logit, per row of (R, V) ``logits``."""
+    own = logits.gather(1, tok[:, None]).squeeze(1)
+    top2 = logits.topk(2, dim=1)
+    best_other = torch.where(top2.indices[:, 0] == tok, top2.values[:, 1], top2.values[:, 0])
+    return own - best_other
+
+
 def _target_stats(logits: torch.Tensor, tgt: torch.Tensor) -> tuple[bool, float, float]:
     """Over the edit's scored positions (n, V) / (n,): (all argmax, min prob, mean answer prob)."""
     probs = logits.detach().float().softmax(-1)
@@ -341,12 +349,6 @@ def final_layer_rows(
     M, G = x_edit.shape[0], guards.x_mid.shape[0]
     run = _FinalLayer(model, x, slots)
 
-    def margins(logits: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-        """logit of ``tok`` minus the best other logit, per row."""
-        own = logits.gather(1, tok[:, None]).squeeze(1)
-        other = logits.scatter(1, tok[:, None], float("-inf")).amax(1)
-        return own - other
-
     def passed(logits: torch.Tensor) -> torch.Tensor:
         """(n_edits,) whether each edit's every target is the argmax with p >= min_prob."""
         probs = logits.detach().softmax(-1)
@@ -374,14 +376,27 @@ def final_layer_rows(
         extra = g_tok.clone()  # equal to the own token: ignored by the margin
         extra[rows] = tokens
         cand = torch.cat([cand, extra[:, None]], dim=1)
-        w_cand = head_w[cand]
+        w_cand = torch.cat([w_cand, head_w[extra][:, None]], dim=1)
+
+    # A guard's logits move by at most ``w_max * |change of its final hidden state|``
+    # each, so its margin by at most twice that: rows whose pre-edit margin exceeds
+    # the bound cannot have flipped, and only the others need the whole vocabulary.
+    w_max = float(head_w.norm(dim=1).max())
+    with torch.no_grad():
+        hid0 = run.hidden(zero, M + torch.arange(G, device=device)) if G else None
+    m0 = margins(base_logits[M:], g_tok)  # full-vocabulary margins before the edit
 
     def guard_margins(delta: torch.Tensor, rows: torch.Tensor, full: bool = False) -> torch.Tensor:
+        """Margins on the candidates; with ``full``, exact for every row that could have flipped."""
         hid = run.hidden(delta, M + rows)
-        if full:
-            return margins(model.head(hid).float(), g_tok[rows])
         lg = torch.einsum("rd,rcd->rc", hid, w_cand[rows]).float()  # (R, c)
-        return lg[:, 0] - lg[:, 1:].masked_fill(cand[rows, 1:] == g_tok[rows, None], float("-inf")).amax(1)
+        m = lg[:, 0] - lg[:, 1:].masked_fill(cand[rows, 1:] == g_tok[rows, None], float("-inf")).amax(1)
+        if full:
+            risky = torch.nonzero(m0[rows] - 2 * w_max * (hid - hid0[rows]).norm(dim=1) <= 0).flatten()
+            if risky.numel():
+                m = m.clone()
+                m[risky] = margins(model.head(hid[risky]).float(), g_tok[rows[risky]])
+        return m
 
     # Active set: only guards that lost margin enter the loss; all of them are
     # re-checked (forward only) every few steps and whenever the edit looks done.
