@@ -62,6 +62,8 @@ def plot(results: list[dict], out_dir: Path) -> list[Path]:
     """Rel/Gen/Loc vs T per method (one figure per scoring mode) and the retention curves."""
     import matplotlib
 
+    from knowedit.evaluate import plot_retention
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -85,21 +87,8 @@ def plot(results: list[dict], out_dir: Path) -> list[Path]:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for m in methods:
-        last = max((r for r in results if r["method"] == m), key=lambda r: r["T"])
-        curve = [p for p in last["retention"] if p["reliability"] is not None]
-        ax.plot([p["t"] for p in curve], [p["reliability"] for p in curve], marker="o", label=f"{m} (T={last['T']})")
-    ax.set_xlabel("edits applied t")
-    ax.set_ylabel("reliability on edits 1..t (teacher-forced)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = out_dir / "editing-retention.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    paths.append(path)
+    last = [max((r for r in results if r["method"] == m), key=lambda r: r["T"]) for m in methods]
+    paths.append(plot_retention(last, out_dir / "editing-retention.png"))
     return paths
 
 

@@ -62,29 +62,6 @@ def results_tables(res: dict) -> tuple[Table, Table]:
     return scores, cost
 
 
-def plot_retention(results: list[dict], path: Path) -> Path:
-    """Teacher-forced reliability on edits 1..t against t, one line per result."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for res in results:
-        curve = [p for p in res["retention"] if p["reliability"] is not None]
-        ax.plot([p["t"] for p in curve], [p["reliability"] for p in curve], marker="o", label=f"{res['method']} (T={res['T']})")
-    ax.set_xlabel("edits applied (t)")
-    ax.set_ylabel("reliability on edits 1..t (teacher-forced)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def eval_cmd(
     model: ModelOpt,
     edits: Annotated[Path, typer.Option("--edits", "-e", help="EasyEdit-format records (JSON list or JSONL).")],
@@ -107,7 +84,7 @@ def eval_cmd(
     """
     from knowedit.baselines import METHODS
     from knowedit.data import load_records
-    from knowedit.evaluate import evaluate
+    from knowedit.evaluate import evaluate, plot_retention
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")

@@ -426,3 +426,26 @@ __all__ = [
     "run_edits",
     "true_fact_accuracy",
 ]
+
+
+def plot_retention(results: list[dict], path: Path) -> Path:
+    """Teacher-forced reliability on edits 1..t against t, one line per result."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for res in results:
+        curve = [p for p in res["retention"] if p["reliability"] is not None]
+        ax.plot([p["t"] for p in curve], [p["reliability"] for p in curve], marker="o", label=f"{res['method']} (T={res['T']})")
+    ax.set_xlabel("edits applied (t)")
+    ax.set_ylabel("reliability on edits 1..t (teacher-forced)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
