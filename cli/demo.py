@@ -73,6 +73,8 @@ def demo(
 
         say(Panel("2. Ask", style="cyan"))
         result["before"] = ask_all("before the edit")
+        sample = held[:400]
+        result["heldout_accuracy_before_edit"] = sum(greedy_exact(ed.model, ed.codec, sample)) / len(sample)
         say(Panel(f"3. Edit: {req.prompt!r} -> {req.target_new!r}", style="cyan"))
         rec = ed.edit(req.prompt, req.target_new, subject=req.subject, note="demo edit")
         m = rec.metrics
@@ -81,9 +83,9 @@ def demo(
         result["edit"] = rec.to_dict()
         say(Panel("4. Ask again", style="cyan"))
         result["after_edit"] = ask_all("after the edit")
-        sample = held[:400]
         result["heldout_accuracy_after_edit"] = sum(greedy_exact(ed.model, ed.codec, sample)) / len(sample)
-        say(f"   other facts (400 held-out phrasings) still answered: {result['heldout_accuracy_after_edit']:.1%}")
+        say(f"   400 held-out phrasings (never trained on): {result['heldout_accuracy_before_edit']:.1%} right "
+            f"before the edit, {result['heldout_accuracy_after_edit']:.1%} after")
         say(Panel(f"5. Revert {rec.id}", style="cyan"))
         ed.revert(rec.id, note="demo revert")
         result["after_revert"] = ask_all("after the revert")
