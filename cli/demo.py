@@ -28,10 +28,10 @@ def demo(
     from knowedit.checkpoint import MODEL_FILE, file_sha256
     from knowedit.cli.model import config_path
     from knowedit.config import load_train_config
-    from knowedit.data import load_records
+    from knowedit.data import load_records, read_examples
     from knowedit.editor import Editor
     from knowedit.inference import greedy_exact
-    from knowedit.recipes.train import EDITS_FILE, HELDOUT_FILE, REPORT_FILE, read_examples, train
+    from knowedit.recipes.train import EDITS_FILE, HELDOUT_FILE, REPORT_FILE, train
 
     say = (lambda *a, **k: None) if json_out else console.print
     t0 = time.monotonic()

@@ -118,8 +118,7 @@ def _read_corpus(path: Path) -> list:
     """JSONL of ``{prompt, answer}`` documents, or EasyEdit records (their true facts)."""
     import json
 
-    from knowedit.data import load_records, true_fact_examples
-    from knowedit.editor import read_examples
+    from knowedit.data import load_records, read_examples, true_fact_examples
 
     with open(path, encoding="utf-8") as f:
         first = f.readline().strip()

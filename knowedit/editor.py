@@ -10,7 +10,6 @@ each replaying the other's events before it edits.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from knowedit.checkpoint import STATS_FILE, Checkpoint, load_checkpoint, save_checkpoint
-from knowedit.data.records import EditRequest, Example, requests_from
+from knowedit.data.records import EditRequest, Example, read_examples, requests_from, write_jsonl
 from knowedit.inference import PromptError, encode_examples, encode_pair, greedy, teacher_forced
 from knowedit.ledger import Event, Ledger, LedgerError, RowChange
 from knowedit.locate import KeySearch, Location, SlotScore, locate, slots_by_pool, trace_fact
@@ -59,22 +58,11 @@ class EditRecord:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def read_examples(path: Path) -> list[Example]:
-    with open(path, encoding="utf-8") as f:
-        return [Example(**json.loads(line)) for line in f if line.strip()]
-
-
-def write_examples(path: Path, examples: Iterable[Example]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for e in examples:
-            f.write(json.dumps({"prompt": e.prompt, "answer": e.answer}, ensure_ascii=False) + "\n")
-
-
 def build_stats(ck: Checkpoint, docs: list[Example], on_batch: Callable[[int], None] | None = None) -> SlotStats:
     """Compute background slot statistics over ``docs`` and store them in the checkpoint dir."""
     stats = compute_slot_stats(ck.model, ck.codec, docs, on_batch=on_batch)
     stats.save(ck.path / STATS_FILE)
-    write_examples(ck.path / STATS_DOCS_FILE, docs)
+    write_jsonl(ck.path / STATS_DOCS_FILE, ({"prompt": e.prompt, "answer": e.answer} for e in docs))
     return stats
 
 

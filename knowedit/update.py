@@ -9,7 +9,6 @@ unrelated facts that read the same slots (KL to their pre-edit distribution).
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 
@@ -469,7 +468,3 @@ def final_layer_rows(
         guard_flips=flips,
         scale=scale,
     )
-
-
-def now_ms(t0: float) -> float:
-    return round((time.perf_counter() - t0) * 1000, 2)

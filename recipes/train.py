@@ -21,7 +21,14 @@ from torch.utils.data import DataLoader
 
 from knowedit.checkpoint import save_checkpoint
 from knowedit.config import TrainConfig
-from knowedit.data import EditRequest, Example, load_records, make_world, true_fact_examples
+from knowedit.data import (
+    EditRequest,
+    Example,
+    load_records,
+    make_world,
+    true_fact_examples,
+    write_jsonl,
+)
 from knowedit.inference import encode_examples, greedy_exact, teacher_forced
 from knowedit.model import MemoryLM, build_model
 from knowedit.tokenizer import TextCodec, corpus_texts
@@ -30,17 +37,6 @@ CORPUS_FILE = "corpus.jsonl"
 HELDOUT_FILE = "heldout.jsonl"
 EDITS_FILE = "edits.jsonl"
 REPORT_FILE = "train_report.json"
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-
-def read_examples(path: Path) -> list[Example]:
-    with open(path, encoding="utf-8") as f:
-        return [Example(**json.loads(line)) for line in f if line.strip()]
 
 
 class FactDataModule(L.LightningDataModule):

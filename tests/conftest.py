@@ -61,7 +61,8 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """
     from knowedit.checkpoint import load_checkpoint
     from knowedit.config import load_train_config
-    from knowedit.editor import CORPUS_FILE, build_stats, read_examples
+    from knowedit.data import read_examples
+    from knowedit.editor import CORPUS_FILE, build_stats
     from knowedit.recipes.train import train
 
     out = tmp_path_factory.mktemp("tiny_ckpt")

@@ -10,11 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from knowedit.checkpoint import CheckpointError
-from knowedit.data import Example, load_records
+from knowedit.data import Example, load_records, read_examples
 from knowedit.editor import EditError, Editor
 from knowedit.inference import PromptError, greedy_exact
 from knowedit.locate import trace_fact
-from knowedit.recipes.train import read_examples
 
 N_EDITS = 50
 

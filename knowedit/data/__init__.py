@@ -5,9 +5,11 @@ from knowedit.data.records import (
     Example,
     RecordError,
     load_records,
+    read_examples,
     request_from_dict,
     requests_from,
     true_fact_examples,
+    write_jsonl,
 )
 from knowedit.data.world import FactWorld, make_world
 
@@ -17,8 +19,10 @@ __all__ = [
     "FactWorld",
     "RecordError",
     "load_records",
+    "read_examples",
     "make_world",
     "request_from_dict",
     "requests_from",
     "true_fact_examples",
+    "write_jsonl",
 ]

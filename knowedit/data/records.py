@@ -165,3 +165,16 @@ def true_fact_examples(records: Iterable[EditRequest]) -> list[Example]:
         for p, a in zip(r.locality_prompt, r.locality_ground_truth):
             add(p, a)
     return out
+
+
+def read_examples(path: str | Path) -> list[Example]:
+    """A JSONL file of ``{"prompt", "answer"}`` objects (a checkpoint's corpus)."""
+    with open(path, encoding="utf-8") as f:
+        return [Example(**json.loads(line)) for line in f if line.strip()]
+
+
+def write_jsonl(path: str | Path, rows: Iterable[Mapping]) -> None:
+    """One JSON object per line."""
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")

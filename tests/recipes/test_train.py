@@ -10,8 +10,7 @@ import pytest
 
 from knowedit.checkpoint import load_checkpoint
 from knowedit.config import TrainConfig, load_train_config, model_config_from_yaml
-from knowedit.data import load_records, make_world
-from knowedit.recipes.train import read_examples
+from knowedit.data import load_records, make_world, read_examples
 
 CKPT_FILES = [
     "model.safetensors",
