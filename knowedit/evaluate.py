@@ -140,13 +140,17 @@ def _score(scorer: Scorer, groups: Sequence[Sequence[Example]]) -> dict:
     prompts are left out), so an edit with many rephrases weighs as much as
     one with a single rephrase.
 
+    An empty answer has no tokens to force: it counts in the greedy mode only.
+
     Args:
         scorer: the model.
         groups: per edit, the examples to score (greedy must produce ``answer``).
     """
     flat = [e for g in groups for e in g]
     sizes = [len(g) for g in groups]
-    tf = scorer.teacher_forced(flat) if flat else []
+    forced = [e for e in flat if e.answer.strip()]
+    tf_vals = iter(scorer.teacher_forced(forced) if forced else [])
+    tf = [next(tf_vals) if e.answer.strip() else math.nan for e in flat]
     got = scorer.greedy([e.prompt for e in flat]) if flat else []
     gr = [_same(g, e.answer) for g, e in zip(got, flat)]
     per_tf, per_gr = _per_edit(tf, sizes), _per_edit(gr, sizes)
@@ -199,21 +203,7 @@ def locality(scorer: Scorer, requests: Sequence[EditRequest], before: Sequence[S
     """
     if len(before) != len(requests) or any(len(b) != len(r.locality_prompt) for b, r in zip(before, requests)):
         raise ValueError("before must hold one answer per locality prompt of every request")
-    groups = [[Example(p, a) for p, a in zip(r.locality_prompt, b)] for r, b in zip(requests, before)]
-    flat = [e for g in groups for e in g]
-    sizes = [len(g) for g in groups]
-    forced = [e for e in flat if e.answer.strip()]
-    tf_vals = iter(scorer.teacher_forced(forced) if forced else [])
-    tf = [next(tf_vals) if e.answer.strip() else math.nan for e in flat]
-    got = scorer.greedy([e.prompt for e in flat]) if flat else []
-    gr = [_same(g, e.answer) for g, e in zip(got, flat)]
-    per_tf, per_gr = _per_edit(tf, sizes), _per_edit(gr, sizes)
-    return {
-        "teacher_forced": _mean(per_tf),
-        "greedy": _mean(per_gr),
-        "edits": sum(1 for x in per_gr if not math.isnan(x)),
-        "prompts": len(flat),
-    }
+    return _score(scorer, [[Example(p, a) for p, a in zip(r.locality_prompt, b)] for r, b in zip(requests, before)])
 
 
 def retention_points(T: int, k: int = 10) -> list[int]:
