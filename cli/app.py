@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
-
 import typer
 
-from knowedit.cli.common import JsonOpt, LedgerOpt, ModelOpt, console, emit_json, friendly
+from knowedit.cli.common import JsonOpt, console, emit_json, friendly
 
 app = typer.Typer(
     name="knowedit",
@@ -42,10 +39,13 @@ def version(json_out: JsonOpt = False) -> None:
     """Print the knowedit version."""
     from knowedit import __version__
 
-    emit_json({"version": __version__}) if json_out else console.print(__version__)
+    if json_out:
+        emit_json({"version": __version__})
+    else:
+        console.print(__version__)
 
 
-__all__ = ["app", "main", "JsonOpt", "LedgerOpt", "ModelOpt", "Annotated", "Path"]
+__all__ = ["app", "main"]
 
 
 def main() -> None:
