@@ -29,7 +29,7 @@ probe's GFLOP/s, or 85% of ``MemAvailable``) is reported as skipped, with the re
 
 Usage::
 
-    python bench/memory_scaling.py                        # 2^12, 2^16, 2^20; ~3-4 min, 2 cores
+    python bench/memory_scaling.py                        # 2^12, 2^16, 2^20; ~75 s on 2 idle cores
     python bench/memory_scaling.py --quick                # fewer repeats
     python bench/memory_scaling.py --sizes 12 16 --repeats 5 --threads 2 --json-out m.json
 """
