@@ -36,10 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from knowedit.checkpoint import (
-    CONFIG_FILE,
-    MODEL_FILE,
-    TOKENIZER_FILE,
-    CheckpointError,
+    check_checkpoint_dir,
     load_checkpoint,
 )
 from knowedit.data.records import EditRequest, Example
@@ -101,16 +98,6 @@ class BaseMethod:
         self.close()
 
 
-def _check_dir(model_dir: str | Path) -> Path:
-    p = Path(model_dir)
-    if not p.is_dir():
-        raise CheckpointError(f"{p} is not a directory")
-    missing = [f for f in (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE) if not (p / f).is_file()]
-    if missing:
-        raise CheckpointError(f"{p} is not a knowedit checkpoint (missing {', '.join(missing)})")
-    return p
-
-
 # ------------------------------------------------------------------ sparse
 class SparseEdit(BaseMethod):
     """knowedit's Editor on a temporary copy of the checkpoint and a throwaway ledger.
@@ -126,7 +113,7 @@ class SparseEdit(BaseMethod):
     def __init__(self, model_dir: str | Path, options: Mapping[str, object] | None = None, device: str = "cpu") -> None:
         from knowedit.editor import Editor
 
-        src = _check_dir(model_dir)
+        src = check_checkpoint_dir(model_dir)
         self.options = dict(options or {})
         opts = EditOptions.from_mapping(self.options)  # ValueError naming a bad option
         self._tmp = Path(tempfile.mkdtemp(prefix="knowedit-eval-"))
@@ -279,7 +266,7 @@ class _Dense(BaseMethod):
         ]:
             if not good:
                 raise ValueError(message)
-        ck = load_checkpoint(_check_dir(model_dir), device=device)
+        ck = load_checkpoint(check_checkpoint_dir(model_dir), device=device)
         self.model, self.codec = ck.model, ck.codec
         self.model.eval()
         self._edits = 0

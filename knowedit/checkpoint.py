@@ -107,11 +107,11 @@ def save_checkpoint(path: str | Path, model: MemoryLM, codec: TextCodec, config:
     return out
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load a checkpoint directory written by :func:`save_checkpoint`.
+def check_checkpoint_dir(path: str | Path) -> Path:
+    """``path`` as a Path, if it is a directory holding the checkpoint's files.
 
     Raises:
-        CheckpointError: missing files, or a file that does not parse.
+        CheckpointError: not a directory, or a required file missing.
     """
     p = Path(path)
     if not p.is_dir():
@@ -119,6 +119,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     missing = [f for f in (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE) if not (p / f).is_file()]
     if missing:
         raise CheckpointError(f"{p} is not a knowedit checkpoint (missing {', '.join(missing)})")
+    return p
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load a checkpoint directory written by :func:`save_checkpoint`.
+
+    Raises:
+        CheckpointError: missing files, or a file that does not parse.
+    """
+    p = check_checkpoint_dir(path)
     config_text = (p / CONFIG_FILE).read_text()
     if not config_text.strip():
         raise CheckpointError(f"{p / CONFIG_FILE} is not a valid model config: the file is empty")
