@@ -270,8 +270,9 @@ class _FinalLayer:
             self.A = torch.zeros(ids.shape[0], slots.numel(), device=ids.device)
             self.A.scatter_add_(1, pos, w * hit)  # (R, t)
 
-    def hidden(self, delta: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Final normed hidden states (R', C) at ``rows`` (default all) for a row change ``delta`` (t, d_v)."""
+    def hidden(self, delta: torch.Tensor, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """Final normed hidden states (R', C) at ``rows`` (an index tensor or a slice;
+        default all) for a row change ``delta`` (t, d_v)."""
         sel = slice(None) if rows is None else rows
         y = self.read[sel] + self.A[sel] @ delta
         if self.gate is not None:
@@ -280,9 +281,77 @@ class _FinalLayer:
             y = self.mem.out(y)
         return self.model.norm(self.x[sel] + y)
 
-    def __call__(self, delta: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, delta: torch.Tensor, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
         """Logits (R', V) at ``rows`` (default all) for a row change ``delta`` (t, d_v)."""
         return self.model.head(self.hidden(delta, rows)).float()
+
+
+class _GuardCheck:
+    """Margins of the guarded positions (rows ``offset..`` of a :class:`_FinalLayer`).
+
+    Each guard is scored on a few candidate tokens (its top ones before the
+    edit and the edit's targets); rivals found later by a full-vocabulary check
+    are kept as (guard, token) pairs. A token outside the candidates started at
+    or below the guard's ``n_top``-th logit and moved by at most
+    ``w_max * |change of its final hidden state|``: a full check scores the whole
+    vocabulary only at guards whose own logit is not above that bound.
+    """
+
+    def __init__(self, run: _FinalLayer, offset: int, base_logits: torch.Tensor, targets: torch.Tensor, head_w: torch.Tensor) -> None:
+        self.run, self.offset, self.head_w = run, offset, head_w
+        self.G = base_logits.shape[0]
+        n_top = min(8, base_logits.shape[1])
+        top = base_logits.topk(max(2, n_top), dim=-1)
+        self.tok = top.indices[:, 0]  # (G,) greedy tokens before the edit
+        self.m0 = top.values[:, 0] - top.values[:, 1]  # full-vocabulary margins before the edit
+        self.floor = top.values[:, -1]  # no token outside the candidates was above this
+        cand = torch.cat([top.indices[:, 1:n_top], targets.unique().expand(self.G, -1)], dim=1)  # (G, c) rivals
+        self.w_own = head_w[self.tok]  # (G, C)
+        self.w_cand = head_w[cand]  # (G, c, C)
+        self.ignore = torch.zeros(cand.shape, device=cand.device).masked_fill_(cand == self.tok[:, None], float("-inf"))
+        self.ex_row = torch.zeros(0, dtype=torch.long, device=cand.device)
+        self.ex_tok = torch.zeros(0, dtype=torch.long, device=cand.device)
+        self.w_max = float(head_w.norm(dim=1).max())
+        zero = torch.zeros(run.A.shape[1], run.read.shape[1], device=cand.device)
+        with torch.no_grad():
+            self.hid0 = run.hidden(zero, slice(offset, None)) if self.G else None
+
+    def add_rivals(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Score guards ``rows`` on one more rival token each from now on."""
+        self.ex_row = torch.cat([self.ex_row, rows])
+        self.ex_tok = torch.cat([self.ex_tok, tokens])
+
+    def margins(self, delta: torch.Tensor, rows: torch.Tensor | None = None, full: bool = False) -> torch.Tensor:
+        """Margins at guards ``rows`` (default all); with ``full``, exact for every
+        guard that could have flipped, and the hidden states are returned too."""
+        sel = slice(None) if rows is None else rows
+        hid = self.run.hidden(delta, slice(self.offset, None) if rows is None else self.offset + rows)
+        own = (hid * self.w_own[sel]).sum(-1)
+        rival = (torch.einsum("rd,rcd->rc", hid, self.w_cand[sel]) + self.ignore[sel]).amax(1)
+        if self.ex_row.numel():
+            if rows is None:
+                pos, tok = self.ex_row, self.ex_tok
+            else:
+                where = torch.full((self.G,), -1, dtype=torch.long, device=hid.device)
+                where[rows] = torch.arange(rows.numel(), device=hid.device)
+                pos = where[self.ex_row]
+                keep = pos >= 0
+                pos, tok = pos[keep], self.ex_tok[keep]
+            if pos.numel():
+                val = (hid[pos] * self.head_w[tok]).sum(-1)
+                rival = rival.scatter_reduce(0, pos, val, "amax", include_self=True)
+        m = own - rival
+        if full:
+            outside = self.floor[sel] + self.w_max * (hid - self.hid0[sel]).norm(dim=1)
+            risky = torch.nonzero(own - outside <= 0).flatten()
+            if risky.numel():
+                m = m.clone()
+                m[risky] = margins(self.run.model.head(hid[risky]).float(), self.tok[sel][risky])
+        return m
+
+    def rivals(self, delta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The full-vocabulary greedy token of guards ``rows`` under ``delta``."""
+        return self.run(delta, self.offset + rows).argmax(-1)
 
 
 @dataclass
@@ -356,73 +425,39 @@ def final_layer_rows(
         return torch.zeros(len(edits), dtype=torch.long, device=device).index_add_(0, owner, (~ok).long()) == 0
 
     zero = torch.zeros(slots.numel(), values.shape[1], device=device)
+    edit_rows = slice(0, M)
     with torch.no_grad():
-        base_logits = run(zero)
-    g_tok = base_logits[M:].argmax(-1)
-    g_keep = margins(base_logits[M:], g_tok).clamp(max=opts.guard_margin)  # (G,)
+        base_logits = run(zero, edit_rows)
+        check = _GuardCheck(run, M, run(zero, slice(M, None)), tgt, model.head.weight.detach())
+    g_keep = check.m0.clamp(max=opts.guard_margin)  # (G,) margin each guard must keep
     first = owner == 0
-    _, _, prob_before = _target_stats(base_logits[:M][first], tgt[first])
-    # Guards are scored on a few candidate tokens each (their top ones before the
-    # edit and the edit's targets); a full-vocabulary check confirms before stopping.
-    head_w = model.head.weight.detach()
-    n_top = min(8, base_logits.shape[1])
-    cand = torch.cat([base_logits[M:].topk(n_top, dim=-1).indices, tgt.unique().expand(G, -1)], dim=1)  # (G, c)
-    w_cand = head_w[cand]  # (G, c, C); column 0 is each guard's own token
-
-    def add_candidates(rows: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Give ``rows`` one more candidate (their new rival) to be scored on."""
-        nonlocal cand, w_cand
-        extra = g_tok.clone()  # equal to the own token: ignored by the margin
-        extra[rows] = tokens
-        cand = torch.cat([cand, extra[:, None]], dim=1)
-        w_cand = torch.cat([w_cand, head_w[extra][:, None]], dim=1)
-
-    # A guard's logits move by at most ``w_max * |change of its final hidden state|``
-    # each, so its margin by at most twice that: rows whose pre-edit margin exceeds
-    # the bound cannot have flipped, and only the others need the whole vocabulary.
-    w_max = float(head_w.norm(dim=1).max())
-    with torch.no_grad():
-        hid0 = run.hidden(zero, M + torch.arange(G, device=device)) if G else None
-    m0 = margins(base_logits[M:], g_tok)  # full-vocabulary margins before the edit
-
-    def guard_margins(delta: torch.Tensor, rows: torch.Tensor, full: bool = False) -> torch.Tensor:
-        """Margins on the candidates; with ``full``, exact for every row that could have flipped."""
-        hid = run.hidden(delta, M + rows)
-        lg = torch.einsum("rd,rcd->rc", hid, w_cand[rows]).float()  # (R, c)
-        m = lg[:, 0] - lg[:, 1:].masked_fill(cand[rows, 1:] == g_tok[rows, None], float("-inf")).amax(1)
-        if full:
-            risky = torch.nonzero(m0[rows] - 2 * w_max * (hid - hid0[rows]).norm(dim=1) <= 0).flatten()
-            if risky.numel():
-                m = m.clone()
-                m[risky] = margins(model.head(hid[risky]).float(), g_tok[rows[risky]])
-        return m
+    _, _, prob_before = _target_stats(base_logits[first], tgt[first])
 
     # Active set: only guards that lost margin enter the loss; all of them are
-    # re-checked (forward only) every few steps and whenever the edit looks done.
+    # re-checked (forward only) every few steps and whenever the edit looks done;
+    # the check when done scores the whole vocabulary where a guard could flip.
     active = torch.zeros(G, dtype=torch.bool, device=device)
-    all_g = torch.arange(G, device=device)
     steps, flips, done = 0, 0, False
-    logits = base_logits[:M]
+    logits = base_logits
     if basis.shape[1] > 0:
         opt = torch.optim.Adam([z], lr=opts.lr)
         model.requires_grad_(False)
         try:
             for steps in range(opts.max_steps + 1):
                 delta = basis @ z
-                logits = run(delta, torch.arange(M, device=device))
+                logits = run(delta, edit_rows)
                 ok_now = passed(logits)
                 # Co-phrasings get up to ``cophrase_steps``; the prompt itself the whole budget.
                 done = bool(ok_now.all()) or (bool(ok_now[0]) and steps >= opts.cophrase_steps)
                 if G and (done or steps % 8 == 0 or steps == opts.max_steps):
                     with torch.no_grad():
-                        g_m = guard_margins(delta, all_g, full=done)
+                        g_m = check.margins(delta, full=done)
                         lost = torch.nonzero(g_m < 0).flatten()
                         if done and lost.numel():  # a token outside the candidates took over
-                            add_candidates(lost, model.head(run.hidden(delta, M + lost)).argmax(-1))
+                            check.add_rivals(lost, check.rivals(delta, lost))
                             active[lost] = True
-                    flips = int((g_m < 0).sum())
-                    newly = (g_m < g_keep) & ~active
-                    active |= newly
+                    flips = int(lost.numel())
+                    active |= g_m < g_keep
                     if (done and flips == 0) or steps == opts.max_steps:
                         break
                 elif done or steps == opts.max_steps:
@@ -430,7 +465,7 @@ def final_layer_rows(
                 loss = F.cross_entropy(logits, tgt)
                 if active.any() and opts.locality_weight > 0:
                     a_idx = torch.nonzero(active).flatten()
-                    g_now = guard_margins(delta, a_idx)
+                    g_now = check.margins(delta, a_idx)
                     loss = loss + opts.locality_weight * F.relu(g_keep[a_idx] - g_now).sum() / M
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -441,20 +476,20 @@ def final_layer_rows(
     scale = 1.0
     if G and not (done and flips == 0):  # the loop's last check was not a full one
         with torch.no_grad():
-            flips = int((guard_margins(delta, all_g, full=True) < 0).sum())
+            flips = int((check.margins(delta, full=True) < 0).sum())
     if G and flips:
         # Out of budget with guards still flipped: shrink the change until no
         # guard flips (scale 0 is the unedited rows). Locality is never traded.
         with torch.no_grad():
             for scale in (0.5, 0.25, 0.125, 0.0625, 0.0):
-                if not bool((guard_margins(scale * delta, all_g, full=True) < 0).any()):
+                if not bool((check.margins(scale * delta, full=True) < 0).any()):
                     break
         delta = scale * delta
         with torch.no_grad():
-            logits = run(delta, torch.arange(M, device=device))
+            logits = run(delta, edit_rows)
         flips = 0
-    ok = passed(logits[:M])
-    _, _, prob_after = _target_stats(logits[:M][first], tgt[first])
+    ok = passed(logits)
+    _, _, prob_after = _target_stats(logits[first], tgt[first])
     rows = (base_rows + delta).to(values.dtype)
     return UpdateResult(
         rows={final.pool.name: rows},
