@@ -27,7 +27,9 @@ from knowedit.stats import SlotStats, compute_slot_stats
 from knowedit.update import (
     EditOptions,
     Guards,
+    Selection,
     final_layer_rows,
+    final_selection,
     optimise_rows,
     uses_final_pool_only,
 )
@@ -85,6 +87,7 @@ class Editor:
         self._reads: dict[str, dict[str, set[int]]] = {}
         self._freads: dict[str, list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self._bg: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._bg_sel: Selection | None = None
         self._seq = 0
         self._sync(self.ledger.events())
 
@@ -138,6 +141,7 @@ class Editor:
         if any(final is None or r.pool != final.pool.name for r in rows) or (final and not uses_final_pool_only(self.model, {final.pool.name})):
             # The residual stream before the last memory layer changes: drop its caches.
             self._bg = None
+            self._bg_sel = None
             self._freads.clear()
         with torch.no_grad():
             for r in rows:
@@ -384,11 +388,19 @@ class Editor:
             self._bg = (torch.cat(xs), torch.tensor(first_row), torch.tensor(first_pos))
         return self._bg
 
+    def _background_selection(self) -> Selection:
+        """What the last memory layer reads at every background answer position
+        (fixed while only that layer's values change; dropped with :meth:`_background`)."""
+        if self._bg_sel is None:
+            self._bg_sel = final_selection(self.model, self._background()[0])
+        return self._bg_sel
+
     def _final_guards(self, pool: str, slots: torch.Tensor, editing: set[str]) -> Guards:
         """Every position that reads ``slots`` in the last memory layer, except the
         documents being edited: background answer positions (from the slot
         statistics) and the live edits' answer positions."""
-        xs, ws = [], []
+        xs, ws, sels = [], [], []
+        n_bg = 0
         if self.stats is not None and pool in self.stats.inv_ptr and self.docs:
             col, doc, pos, w = self.stats.reads(pool, slots)
             if col.numel():
@@ -401,6 +413,8 @@ class Editor:
                 a.index_put_((inv, col), w.float(), accumulate=True)
                 xs.append(x_all[uniq])
                 ws.append(a)
+                sels.append(tuple(None if t is None else t[uniq] for t in self._background_selection()))
+                n_bg = uniq.numel()
         for ev in self._live.values():
             for prompt, x, r_slots, r_w in self._final_reads(ev):
                 if prompt in editing:  # a re-edit of the same prompt replaces it
@@ -413,10 +427,13 @@ class Editor:
                     xs.append(x[None])
                     ws.append(a)
         C = self.model.cfg.d_model
-        return Guards(
-            torch.cat(xs) if xs else torch.zeros(0, C),
-            torch.cat(ws) if ws else torch.zeros(0, slots.numel()),
-        )
+        x_mid = torch.cat(xs) if xs else torch.zeros(0, C)
+        if x_mid.shape[0] > n_bg:  # the live edits' positions
+            sels.append(final_selection(self.model, x_mid[n_bg:]))
+        selection = None
+        if sels:
+            selection = tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*sels))
+        return Guards(x_mid, torch.cat(ws) if ws else torch.zeros(0, slots.numel()), selection)  # type: ignore[arg-type]
 
     def _final_reads(self, ev: Event) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per answer position of a live edit (and its co-edited phrasings): the

@@ -130,9 +130,7 @@ class UpdateResult:
 def margins(logits: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
     """(R,) logit of ``tok`` minus the best other logit, per row of (R, V) ``logits``."""
     own = logits.gather(1, tok[:, None]).squeeze(1)
-    top2 = logits.topk(2, dim=1)
-    best_other = torch.where(top2.indices[:, 0] == tok, top2.values[:, 1], top2.values[:, 0])
-    return own - best_other
+    return own - logits.scatter(1, tok[:, None], float("-inf")).amax(1)
 
 
 def _target_stats(logits: torch.Tensor, tgt: torch.Tensor) -> tuple[bool, float, float]:
@@ -245,6 +243,24 @@ def null_space(constraints: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
     return vh[rank:].T.contiguous()
 
 
+Selection = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+"""The last memory layer's choice at some positions: slot ids (R, H*k), their
+weights (R, H*k) and the value gate (R, d_v), or None for an ungated layer."""
+
+
+@torch.no_grad()
+def final_selection(model: MemoryLM, x_mid: torch.Tensor) -> Selection:
+    """What the last block's memory layer reads at positions whose residual stream
+    before it is ``x_mid`` (R, C). Fixed while only that layer's values change."""
+    last = model.blocks[-1]
+    mem = last.ffn
+    assert isinstance(mem, ProductKeyMemory)
+    h = last.norm2(x_mid)
+    _, ids, w = mem.select(h)
+    gate = F.silu(mem.gate(h)).float() if mem.gate is not None else None
+    return ids.flatten(-2), w.flatten(-2).float(), gate
+
+
 class _FinalLayer:
     """The last block's memory read + head at fixed positions, as a function of the
     change ``D`` (t, d_v) to the rows of ``slots``.
@@ -253,18 +269,14 @@ class _FinalLayer:
     then changes by ``A[r] @ D`` where ``A[r, j]`` is its total weight on slot j.
     """
 
-    def __init__(self, model: MemoryLM, x_mid: torch.Tensor, slots: torch.Tensor) -> None:
-        last = model.blocks[-1]
-        mem = last.ffn
+    def __init__(self, model: MemoryLM, x_mid: torch.Tensor, slots: torch.Tensor, selection: Selection | None = None) -> None:
+        mem = model.blocks[-1].ffn
         assert isinstance(mem, ProductKeyMemory)
         self.model, self.mem, self.x = model, mem, x_mid
         with torch.no_grad():
-            h = last.norm2(x_mid)
-            _, ids, w = mem.select(h)
-            ids, w = ids.flatten(-2), w.flatten(-2).float()  # (R, H*k)
-            self.ids, self.w = ids, w
+            ids, w, gate = selection if selection is not None else final_selection(model, x_mid)
+            self.ids, self.w, self.gate = ids, w, gate
             self.read = lookup(mem.pool.values, ids, w.to(mem.pool.values.dtype), mem.cfg.backend).float()
-            self.gate = F.silu(mem.gate(h)).float() if mem.gate is not None else None
             pos = torch.searchsorted(slots, ids).clamp_(max=slots.numel() - 1)
             hit = slots[pos] == ids
             self.A = torch.zeros(ids.shape[0], slots.numel(), device=ids.device)
@@ -365,6 +377,8 @@ class Guards:
 
     x_mid: torch.Tensor
     weights: torch.Tensor
+    selection: Selection | None = None
+    """What the last memory layer reads at each guard (:func:`final_selection`), if known."""
 
 
 def final_layer_rows(
@@ -415,7 +429,13 @@ def final_layer_rows(
         x_edit = model.residual_before_final_ffn(batch.ids)[scored]  # (M, C)
     x = torch.cat([x_edit, guards.x_mid.to(device)])  # (M + G, C)
     M, G = x_edit.shape[0], guards.x_mid.shape[0]
-    run = _FinalLayer(model, x, slots)
+    selection = None
+    if guards.selection is not None:
+        own = final_selection(model, x_edit)
+        selection = tuple(
+            None if a is None else torch.cat([a, b.to(device)]) for a, b in zip(own, guards.selection)
+        )
+    run = _FinalLayer(model, x, slots, selection)  # type: ignore[arg-type]
 
     def passed(logits: torch.Tensor) -> torch.Tensor:
         """(n_edits,) whether each edit's every target is the argmax with p >= min_prob."""
@@ -449,23 +469,30 @@ def final_layer_rows(
                 ok_now = passed(logits)
                 # Co-phrasings get up to ``cophrase_steps``; the prompt itself the whole budget.
                 done = bool(ok_now.all()) or (bool(ok_now[0]) and steps >= opts.cophrase_steps)
-                if G and (done or steps % 8 == 0 or steps == opts.max_steps):
+                a_idx = torch.nonzero(active).flatten()
+                g_now = check.margins(delta, a_idx) if a_idx.numel() else None
+                last = steps == opts.max_steps
+                if G and (done or steps % 8 == 0 or last):
                     with torch.no_grad():
-                        g_m = check.margins(delta, full=done)
+                        g_m = check.margins(delta)
                         lost = torch.nonzero(g_m < 0).flatten()
-                        if done and lost.numel():  # a token outside the candidates took over
-                            check.add_rivals(lost, check.rivals(delta, lost))
-                            active[lost] = True
+                        if done and not lost.numel():  # confirm on the whole vocabulary
+                            g_m = check.margins(delta, full=True)
+                            lost = torch.nonzero(g_m < 0).flatten()
+                            if lost.numel():  # a token outside the candidates took over
+                                check.add_rivals(lost, check.rivals(delta, lost))
                     flips = int(lost.numel())
-                    active |= g_m < g_keep
-                    if (done and flips == 0) or steps == opts.max_steps:
+                    if (done and flips == 0) or last:
                         break
-                elif done or steps == opts.max_steps:
+                    grow = (g_m < g_keep) & ~active
+                    if grow.any():  # guards that lost margin join the loss from this step on
+                        active |= grow
+                        a_idx = torch.nonzero(active).flatten()
+                        g_now = check.margins(delta, a_idx)
+                elif (done and not G) or last:
                     break
                 loss = F.cross_entropy(logits, tgt)
-                if active.any() and opts.locality_weight > 0:
-                    a_idx = torch.nonzero(active).flatten()
-                    g_now = check.margins(delta, a_idx)
+                if g_now is not None and opts.locality_weight > 0:
                     loss = loss + opts.locality_weight * F.relu(g_keep[a_idx] - g_now).sum() / M
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -1,0 +1,101 @@
+"""The final-layer update's guard machinery against exact full-vocabulary answers."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from knowedit.data import Example, load_records
+from knowedit.editor import Editor
+from knowedit.inference import encode_examples
+from knowedit.locate import slots_by_pool
+from knowedit.update import (
+    EditOptions,
+    _FinalLayer,
+    _GuardCheck,
+    final_layer_rows,
+    final_selection,
+    margins,
+)
+
+
+@pytest.fixture()
+def setup(tiny_ckpt: Path, tmp_path: Path):
+    out = tmp_path / "model"
+    shutil.copytree(tiny_ckpt, out, ignore=shutil.ignore_patterns("ledger.db*"))
+    ed = Editor.open(out)
+    req = load_records(out / "edits.jsonl")[0]
+    ex = Example(req.prompt, req.target_new)
+    ranked = ed._locate_all([ex], req.subject, EditOptions())
+    pool, slots = next(iter(slots_by_pool(ranked[:64]).items()))
+    guards = ed._final_guards(pool, slots, {ex.prompt})
+    yield ed, ex, slots, guards
+    ed.close()
+
+
+def _layer(ed: Editor, ex: Example, slots: torch.Tensor, guards) -> tuple[_FinalLayer, _GuardCheck, int]:
+    batch = encode_examples(ed.codec, [ex], ed.model.cfg.max_seq_len)
+    scored = batch.targets != -100
+    with torch.no_grad():
+        x_edit = ed.model.residual_before_final_ffn(batch.ids)[scored]
+        M = x_edit.shape[0]
+        run = _FinalLayer(ed.model, torch.cat([x_edit, guards.x_mid]), slots)
+        zero = torch.zeros(slots.numel(), run.read.shape[1])
+        check = _GuardCheck(run, M, run(zero, slice(M, None)), batch.targets[scored], ed.model.head.weight.detach())
+    return run, check, M
+
+
+def test_full_guard_check_flags_exactly_the_flipped_guards(setup) -> None:
+    ed, ex, slots, guards = setup
+    assert guards.x_mid.shape[0] > 100  # enough guards for the check to mean something
+    run, check, M = _layer(ed, ex, slots, guards)
+    gen = torch.Generator().manual_seed(0)
+    flipped_somewhere = False
+    with torch.no_grad():
+        for scale in (0.0, 0.3, 1.0, 3.0, 10.0):
+            delta = scale * torch.randn(run.A.shape[1], run.read.shape[1], generator=gen)
+            exact = margins(run(delta, slice(M, None)), check.tok)
+            fast = check.margins(delta, full=True)
+            # The sign is exact everywhere; the value is exact wherever a guard flipped.
+            assert torch.equal(fast < 0, exact < 0), scale
+            flipped_somewhere |= bool((exact < 0).any())
+            # Candidate-only margins never understate the exact one.
+            assert bool((check.margins(delta) >= exact - 1e-4).all())
+    assert flipped_somewhere  # the large changes did flip guards: the check was tested
+
+
+def test_guard_margins_on_a_subset_equal_the_same_rows_of_all(setup) -> None:
+    ed, ex, slots, guards = setup
+    run, check, M = _layer(ed, ex, slots, guards)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        delta = 10.0 * torch.randn(run.A.shape[1], run.read.shape[1], generator=gen)
+        exact = run(delta, slice(M, None))
+        lost = torch.nonzero(margins(exact, check.tok) < 0).flatten()
+        assert lost.numel()
+        check.add_rivals(lost, exact[lost].argmax(-1))  # later rivals, as the optimiser adds them
+        everything = check.margins(delta)
+        rows = torch.randperm(check.G, generator=gen)[: check.G // 3]
+        assert torch.allclose(check.margins(delta, rows), everything[rows], atol=1e-5)
+        # With its new rival on the candidate list, a flipped guard's margin is exact.
+        assert torch.allclose(everything[lost], margins(exact[lost], check.tok[lost]), atol=1e-4)
+
+
+def test_cached_selection_gives_the_same_edit(setup) -> None:
+    ed, ex, slots, guards = setup
+    assert guards.selection is not None
+    fresh = final_selection(ed.model, guards.x_mid)
+    for cached, recomputed in zip(guards.selection, fresh):
+        if cached is not None:
+            assert torch.equal(cached, recomputed)
+    opts = EditOptions()
+    a = final_layer_rows(ed.model, ed.codec, [ex], slots, guards, opts)
+    b = final_layer_rows(ed.model, ed.codec, [ex], slots, replace(guards, selection=None), opts)
+    assert a.steps == b.steps and a.success == b.success
+    for pool in a.rows:
+        # Selecting in another batch may move the last bits of a float.
+        assert torch.allclose(a.rows[pool], b.rows[pool], atol=1e-4, rtol=1e-4)
