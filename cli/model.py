@@ -15,8 +15,16 @@ from knowedit.cli.common import JsonOpt, LedgerOpt, ModelOpt, console, emit_json
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "recipes" / "configs"
 
 
+def shipped_recipes() -> list[str]:
+    """Names of the recipes shipped with the package (``knowedit train NAME``)."""
+    from importlib.resources import files
+
+    root = files("knowedit.recipes") / "configs"
+    return sorted(Path(str(f)).stem for f in root.iterdir() if str(f).endswith(".yaml"))
+
+
 def config_path(name: str) -> Path:
-    """A recipe path, or the name of a shipped recipe (``debug``, ``small``, ``base``)."""
+    """A recipe path, or the name of a shipped recipe (see :func:`shipped_recipes`)."""
     p = Path(name)
     if p.is_file():
         return p
@@ -25,11 +33,11 @@ def config_path(name: str) -> Path:
     shipped = Path(str(files("knowedit.recipes") / "configs" / f"{name}.yaml"))
     if shipped.is_file():
         return shipped
-    raise fail(f"no recipe {name!r}: not a file and not a shipped recipe (debug, small, base)")
+    raise fail(f"no recipe {name!r}: not a file and not a shipped recipe ({', '.join(shipped_recipes())})")
 
 
 def train(
-    config: Annotated[str, typer.Argument(help="Recipe YAML path, or a shipped recipe name: debug, small, base.")],
+    config: Annotated[str, typer.Argument(help=f"Recipe YAML path, or a shipped recipe name: {', '.join(shipped_recipes())}.")],
     overrides: Annotated[list[str] | None, typer.Argument(help="KEY=VALUE overrides, e.g. model.d_model=64.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Checkpoint directory [default: runs/NAME].")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,

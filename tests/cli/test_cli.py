@@ -22,6 +22,7 @@ COMMANDS = [
     ["stats"],
     ["locate"],
     ["demo"],
+    ["eval"],
     ["edit"],
     ["edit", "apply"],
     ["edit", "revert"],
@@ -91,7 +92,9 @@ def test_train_misspelt_override(runner: CliRunner, tmp_path: Path) -> None:
 
 def test_train_unknown_recipe(runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(app, ["train", "nosuchrecipe", "--out", str(tmp_path / "r")])
-    assert_clean_failure(result, "nosuchrecipe")
+    shipped = sorted(f.stem for f in (Path(__file__).resolve().parents[2] / "recipes" / "configs").glob("*.yaml"))
+    assert "counterfact" in shipped
+    assert_clean_failure(result, "nosuchrecipe", ", ".join(shipped))
 
 
 def test_train_malformed_override_value(runner: CliRunner, tmp_path: Path) -> None:
