@@ -487,6 +487,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
 
     tokens = args.batch * args.seq
+    layer = {k: getattr(args, k) for k in ("batch", "seq", "dim", "heads", "topk", "key_dim")}
     meta = {
         "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": _cpu_model(),
@@ -494,16 +495,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "command": " ".join(["python", "bench/memory_scaling.py", *sys.argv[1:]]),
-        "shape": {
-            "batch": args.batch,
-            "seq": args.seq,
-            "dim": args.dim,
-            "heads": args.heads,
-            "topk": args.topk,
-            "key_dim": args.key_dim,
-            "dtype": "float32",
-            "backend": "torch",
-        },
+        "shape": {**layer, "dtype": "float32", "backend": "torch"},
         "repeats": args.repeats,
         "warmup": args.warmup,
     }
@@ -521,12 +513,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     common = {
-        "batch": args.batch,
-        "seq": args.seq,
-        "dim": args.dim,
-        "heads": args.heads,
-        "topk": args.topk,
-        "key_dim": args.key_dim,
+        **layer,
         "threads": args.threads,
         "warmup": args.warmup,
         "repeats": args.repeats,

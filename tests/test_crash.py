@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ledger_helpers import assert_same_pools, replay
 
 from knowedit.checkpoint import MODEL_FILE, load_checkpoint
 from knowedit.editor import LEDGER_FILE, Editor
@@ -65,34 +66,12 @@ def _pools(model) -> dict[str, torch.Tensor]:  # noqa: ANN001
     return {p.name: p.values.detach().cpu().clone() for p in model.pools.values()}
 
 
-def _replay(base: dict[str, torch.Tensor], events: list[Event]) -> dict[str, torch.Tensor]:
-    state = {k: v.clone() for k, v in base.items()}
-    applies: dict[str, Event] = {}
-    for ev in events:
-        if ev.kind == "apply":
-            applies[ev.edit_id] = ev
-            for r in ev.rows:
-                state[r.pool][r.slot] = r.after
-        else:
-            for r in applies[ev.edit_id].rows:
-                state[r.pool][r.slot] = r.before
-    return state
-
-
-def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        x, y = a[name].contiguous().view(torch.uint8), b[name].contiguous().view(torch.uint8)
-        bad = (~(x == y).all(-1)).nonzero().flatten()
-        assert bad.numel() == 0, f"{what}: {name} differs in rows {bad[:5].tolist()}"
-
-
 def _check_after_crash(model_dir: Path, base: dict[str, torch.Tensor], committed: dict[str, set[str]], kill: int) -> list[Event]:
     with Editor.open(model_dir) as ed:
         problems = ed.verify()
         assert problems == [], f"kill {kill}: {problems}"
         events = ed.history()
-        _assert_same(_pools(ed.model), _replay(base, events), f"kill {kill}: live vs base + replay")
+        assert_same_pools(_pools(ed.model), replay(base, events), f"kill {kill}: live vs base + replay")
         with ed.ledger.transaction():  # the killed process left no lock behind
             pass
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
@@ -158,4 +137,4 @@ def test_sigkill_at_random_instants_never_breaks_the_ledger(tiny_ckpt: Path, tmp
         for eid in reversed(ed.live_edits()):
             ed.revert(eid)
         assert ed.verify() == []
-        _assert_same(_pools(ed.model), base, "all reverted after the crashes")
+        assert_same_pools(_pools(ed.model), base, "all reverted after the crashes")
