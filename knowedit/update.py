@@ -249,16 +249,23 @@ weights (R, H*k) and the value gate (R, d_v), or None for an ungated layer."""
 
 
 @torch.no_grad()
-def final_selection(model: MemoryLM, x_mid: torch.Tensor) -> Selection:
+def final_selection(model: MemoryLM, x_mid: torch.Tensor, chunk: int = 8192) -> Selection:
     """What the last block's memory layer reads at positions whose residual stream
-    before it is ``x_mid`` (R, C). Fixed while only that layer's values change."""
+    before it is ``x_mid`` (R, C), ``chunk`` rows at a time (the product-key
+    search's scratch grows with the rows). Fixed while only that layer's values change."""
     last = model.blocks[-1]
     mem = last.ffn
     assert isinstance(mem, ProductKeyMemory)
-    h = last.norm2(x_mid)
-    _, ids, w = mem.select(h)
-    gate = F.silu(mem.gate(h)).float() if mem.gate is not None else None
-    return ids.flatten(-2), w.flatten(-2).float(), gate
+    parts = []
+    for s in range(0, max(1, x_mid.shape[0]), chunk):
+        h = last.norm2(x_mid[s : s + chunk])
+        _, ids, w = mem.select(h)
+        gate = F.silu(mem.gate(h)).float() if mem.gate is not None else None
+        parts.append((ids.flatten(-2), w.flatten(-2).float(), gate))
+    if len(parts) == 1:
+        return parts[0]
+    ids, w, gate = zip(*parts)
+    return torch.cat(ids), torch.cat(w), None if gate[0] is None else torch.cat(gate)
 
 
 class _FinalLayer:
@@ -318,8 +325,9 @@ class _GuardCheck:
         self.m0 = top.values[:, 0] - top.values[:, 1]  # full-vocabulary margins before the edit
         self.floor = top.values[:, -1]  # no token outside the candidates was above this
         cand = torch.cat([top.indices[:, 1:n_top], targets.unique().expand(self.G, -1)], dim=1)  # (G, c) rivals
-        self.w_own = head_w[self.tok]  # (G, C)
-        self.w_cand = head_w[cand]  # (G, c, C)
+        # Column 0 is the guard's own token: own and rival logits come from one
+        # product, so a tie reads as a zero margin, never as a flip.
+        self.w_cand = head_w[torch.cat([self.tok[:, None], cand], dim=1)]  # (G, 1 + c, C)
         self.ignore = torch.zeros(cand.shape, device=cand.device).masked_fill_(cand == self.tok[:, None], float("-inf"))
         self.ex_row = torch.zeros(0, dtype=torch.long, device=cand.device)
         self.ex_tok = torch.zeros(0, dtype=torch.long, device=cand.device)
@@ -334,12 +342,13 @@ class _GuardCheck:
         self.ex_tok = torch.cat([self.ex_tok, tokens])
 
     def margins(self, delta: torch.Tensor, rows: torch.Tensor | None = None, full: bool = False) -> torch.Tensor:
-        """Margins at guards ``rows`` (default all); with ``full``, exact for every
-        guard that could have flipped, and the hidden states are returned too."""
+        """Margins at guards ``rows`` (default all) on their candidates; with
+        ``full``, exact in sign for every guard (exact in value where it flipped)."""
         sel = slice(None) if rows is None else rows
         hid = self.run.hidden(delta, slice(self.offset, None) if rows is None else self.offset + rows)
-        own = (hid * self.w_own[sel]).sum(-1)
-        rival = (torch.einsum("rd,rcd->rc", hid, self.w_cand[sel]) + self.ignore[sel]).amax(1)
+        lg = torch.einsum("rd,rcd->rc", hid, self.w_cand[sel])
+        own = lg[:, 0]
+        rival = (lg[:, 1:] + self.ignore[sel]).amax(1)
         if self.ex_row.numel():
             if rows is None:
                 pos, tok = self.ex_row, self.ex_tok
@@ -355,7 +364,7 @@ class _GuardCheck:
         m = own - rival
         if full:
             outside = self.floor[sel] + self.w_max * (hid - self.hid0[sel]).norm(dim=1)
-            risky = torch.nonzero(own - outside <= 0).flatten()
+            risky = torch.nonzero(~(own - outside > 0)).flatten()  # NaN counts as risky
             if risky.numel():
                 m = m.clone()
                 m[risky] = margins(self.run.model.head(hid[risky]).float(), self.tok[sel][risky])
@@ -469,30 +478,26 @@ def final_layer_rows(
                 ok_now = passed(logits)
                 # Co-phrasings get up to ``cophrase_steps``; the prompt itself the whole budget.
                 done = bool(ok_now.all()) or (bool(ok_now[0]) and steps >= opts.cophrase_steps)
-                a_idx = torch.nonzero(active).flatten()
-                g_now = check.margins(delta, a_idx) if a_idx.numel() else None
                 last = steps == opts.max_steps
                 if G and (done or steps % 8 == 0 or last):
                     with torch.no_grad():
                         g_m = check.margins(delta)
-                        lost = torch.nonzero(g_m < 0).flatten()
+                        lost = torch.nonzero(~(g_m >= 0)).flatten()  # NaN counts as flipped
                         if done and not lost.numel():  # confirm on the whole vocabulary
                             g_m = check.margins(delta, full=True)
-                            lost = torch.nonzero(g_m < 0).flatten()
+                            lost = torch.nonzero(~(g_m >= 0)).flatten()
                             if lost.numel():  # a token outside the candidates took over
                                 check.add_rivals(lost, check.rivals(delta, lost))
                     flips = int(lost.numel())
                     if (done and flips == 0) or last:
                         break
-                    grow = (g_m < g_keep) & ~active
-                    if grow.any():  # guards that lost margin join the loss from this step on
-                        active |= grow
-                        a_idx = torch.nonzero(active).flatten()
-                        g_now = check.margins(delta, a_idx)
+                    active |= ~(g_m >= g_keep)  # guards that lost margin join the loss
                 elif (done and not G) or last:
                     break
                 loss = F.cross_entropy(logits, tgt)
-                if g_now is not None and opts.locality_weight > 0:
+                if opts.locality_weight > 0 and active.any():
+                    a_idx = torch.nonzero(active).flatten()
+                    g_now = check.margins(delta, a_idx)
                     loss = loss + opts.locality_weight * F.relu(g_keep[a_idx] - g_now).sum() / M
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -503,13 +508,13 @@ def final_layer_rows(
     scale = 1.0
     if G and not (done and flips == 0):  # the loop's last check was not a full one
         with torch.no_grad():
-            flips = int((check.margins(delta, full=True) < 0).sum())
+            flips = int((~(check.margins(delta, full=True) >= 0)).sum())
     if G and flips:
         # Out of budget with guards still flipped: shrink the change until no
         # guard flips (scale 0 is the unedited rows). Locality is never traded.
         with torch.no_grad():
             for scale in (0.5, 0.25, 0.125, 0.0625, 0.0):
-                if not bool((check.margins(scale * delta, full=True) < 0).any()):
+                if bool((check.margins(scale * delta, full=True) >= 0).all()):
                     break
         delta = scale * delta
         with torch.no_grad():

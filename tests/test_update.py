@@ -89,9 +89,11 @@ def test_cached_selection_gives_the_same_edit(setup) -> None:
     ed, ex, slots, guards = setup
     assert guards.selection is not None
     fresh = final_selection(ed.model, guards.x_mid)
-    for cached, recomputed in zip(guards.selection, fresh):
+    chunked = final_selection(ed.model, guards.x_mid, chunk=97)
+    for cached, recomputed, in_chunks in zip(guards.selection, fresh, chunked):
         if cached is not None:
             assert torch.equal(cached, recomputed)
+            assert torch.equal(in_chunks, recomputed)
     opts = EditOptions()
     a = final_layer_rows(ed.model, ed.codec, [ex], slots, guards, opts)
     b = final_layer_rows(ed.model, ed.codec, [ex], slots, replace(guards, selection=None), opts)
