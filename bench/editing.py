@@ -34,12 +34,13 @@ def _f(x: object) -> str:
 
 
 def markdown(results: list[dict]) -> str:
-    """One row per (method, T): Rel/Gen/Loc in both modes, then cost."""
+    """One row per (method, T): Rel/Gen/Loc in both modes, then cost, then the
+    locality prompts left out because they are among the T edits themselves."""
     head = (
         "| method | T | Rel TF | Rel greedy | Gen TF | Gen greedy | Loc TF | Loc greedy | base acc TF / greedy "
-        "| success | s/edit median | s/edit p95 | slots/edit | params/edit | lr |"
+        "| success | s/edit median | s/edit p95 | slots/edit | params/edit | lr | loc prompts left out |"
     )
-    lines = [head, "|" + "---|" * 15]
+    lines = [head, "|" + "---|" * 16]
     for r in results:
         cells = [r["method"], str(r["T"])]
         for m in METRICS:
@@ -53,6 +54,7 @@ def markdown(results: list[dict]) -> str:
             f"{r['slots_touched']['median']:.0f}",
             f"{r['params_touched']['median']:.0f}",
             f"{r['settings'].get('lr')}",
+            str(r["locality"].get("excluded", 0)),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -49,7 +49,8 @@ def results_tables(res: dict) -> tuple[Table, Table]:
     ]
     for label, key in rows:
         m = res[key]
-        scores.add_row(label, _fmt(m["teacher_forced"]), _fmt(m["greedy"]), f"{m['prompts']} prompts")
+        left_out = f" ({m['excluded']} edited, left out)" if m.get("excluded") else ""
+        scores.add_row(label, _fmt(m["teacher_forced"]), _fmt(m["greedy"]), f"{m['prompts']} prompts{left_out}")
     t = res["edit_seconds"]
     cost = Table(title="per edit", title_justify="left")
     cost.add_column("")

@@ -3,7 +3,9 @@ the final model on all T of them (EasyEdit's metrics, as in the WISE paper).
 
 - Reliability: the edit prompt gives ``target_new``.
 - Generalization: each rephrased prompt gives ``target_new``.
-- Locality: each locality prompt gives the same answer as before any edit.
+- Locality: each locality prompt gives the same answer as before any edit
+  (locality prompts that are themselves among the T edits' prompts or
+  rephrases are meant to change; they are left out and counted).
 
 Every metric is reported in two modes side by side: teacher-forced token
 accuracy (EasyEdit's convention) and greedy exact match without teacher
@@ -191,6 +193,10 @@ def locality_answers(scorer: Scorer, requests: Sequence[EditRequest]) -> list[li
 def locality(scorer: Scorer, requests: Sequence[EditRequest], before: Sequence[Sequence[str]]) -> dict:
     """Locality prompts keep their pre-edit answers.
 
+    A locality prompt that is itself the prompt or a rephrase of one of the
+    ``requests`` is meant to change: it is left out, and counted in
+    ``excluded`` (in a small world, e.g. T = every fact, that can be most of them).
+
     Teacher-forced: share of the pre-edit greedy answer's tokens that stay the
     argmax. Greedy: the completion equals the pre-edit one. A pre-edit answer
     that is empty (the model stopped at once) has no tokens to force: it counts
@@ -203,7 +209,14 @@ def locality(scorer: Scorer, requests: Sequence[EditRequest], before: Sequence[S
     """
     if len(before) != len(requests) or any(len(b) != len(r.locality_prompt) for b, r in zip(before, requests)):
         raise ValueError("before must hold one answer per locality prompt of every request")
-    return _score(scorer, [[Example(p, a) for p, a in zip(r.locality_prompt, b)] for r, b in zip(requests, before)])
+    edited = {q.strip() for r in requests for q in (r.prompt, *r.rephrase_prompt)}
+    groups = [
+        [Example(p, a) for p, a in zip(r.locality_prompt, b) if p.strip() not in edited]
+        for r, b in zip(requests, before)
+    ]
+    out = _score(scorer, groups)
+    out["excluded"] = sum(len(r.locality_prompt) for r in requests) - out["prompts"]
+    return out
 
 
 def retention_points(T: int, k: int = 10) -> list[int]:

@@ -166,6 +166,23 @@ def test_teacher_forced_and_greedy_differ() -> None:
     assert loc["edits"] == 1
 
 
+def test_locality_leaves_out_prompts_that_are_edited_themselves() -> None:
+    # Edit 0's locality prompt is edit 1's prompt, edit 1's is edit 0's rephrase:
+    # both are meant to change, so a perfect editor still has locality 1.0 on the rest.
+    model = FakeModel({"a is": "x", "a'": "x", "b is": "y", "c is": "z"})
+    reqs = [
+        EditRequest("a is", "X", rephrase_prompt=["a'"], locality_prompt=["b is", "c is"], locality_ground_truth=["y", "z"]),
+        EditRequest("b is", "Y", locality_prompt=[" a' "], locality_ground_truth=["x"]),
+    ]
+    res = run_edits(FakeEditor(model, "perfect"), model, reqs)
+    assert res["locality"]["excluded"] == 2
+    assert res["locality"]["prompts"] == 1 and res["locality"]["edits"] == 1
+    assert _both(res["locality"]) == (1.0, 1.0)
+    # The prompt left in is still scored: moving it is caught.
+    model.answers["c is"] = "moved"
+    assert _both(locality(model, reqs, [["y", "z"], ["x"]])) == (0.0, 0.0)
+
+
 def test_locality_with_empty_pre_edit_answer_counts_in_greedy_only() -> None:
     model = FakeModel({"l1": "", "l2": "Rome"})
     reqs = [EditRequest("p", "X", locality_prompt=["l1", "l2"], locality_ground_truth=["a", "b"])]
