@@ -282,7 +282,7 @@ class _FinalLayer:
         self.model, self.mem, self.x = model, mem, x_mid
         with torch.no_grad():
             ids, w, gate = selection if selection is not None else final_selection(model, x_mid)
-            self.ids, self.w, self.gate = ids, w, gate
+            self.gate = gate
             self.read = lookup(mem.pool.values, ids, w.to(mem.pool.values.dtype), mem.cfg.backend).float()
             pos = torch.searchsorted(slots, ids).clamp_(max=slots.numel() - 1)
             hit = slots[pos] == ids
@@ -316,8 +316,13 @@ class _GuardCheck:
     vocabulary only at guards whose own logit is not above that bound.
     """
 
-    def __init__(self, run: _FinalLayer, offset: int, base_logits: torch.Tensor, targets: torch.Tensor, head_w: torch.Tensor) -> None:
-        self.run, self.offset, self.head_w = run, offset, head_w
+    @torch.no_grad()
+    def __init__(self, run: _FinalLayer, offset: int, targets: torch.Tensor) -> None:
+        self.run, self.offset = run, offset
+        self.head_w = head_w = run.model.head.weight.detach()
+        zero = torch.zeros(run.A.shape[1], run.read.shape[1], device=run.A.device)
+        self.hid0 = run.hidden(zero, slice(offset, None))  # (G, C) before the edit
+        base_logits = run.model.head(self.hid0).float()
         self.G = base_logits.shape[0]
         n_top = min(8, base_logits.shape[1])
         top = base_logits.topk(max(2, n_top), dim=-1)
@@ -332,9 +337,6 @@ class _GuardCheck:
         self.ex_row = torch.zeros(0, dtype=torch.long, device=cand.device)
         self.ex_tok = torch.zeros(0, dtype=torch.long, device=cand.device)
         self.w_max = float(head_w.norm(dim=1).max())
-        zero = torch.zeros(run.A.shape[1], run.read.shape[1], device=cand.device)
-        with torch.no_grad():
-            self.hid0 = run.hidden(zero, slice(offset, None)) if self.G else None
 
     def add_rivals(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
         """Score guards ``rows`` on one more rival token each from now on."""
@@ -457,7 +459,7 @@ def final_layer_rows(
     edit_rows = slice(0, M)
     with torch.no_grad():
         base_logits = run(zero, edit_rows)
-        check = _GuardCheck(run, M, run(zero, slice(M, None)), tgt, model.head.weight.detach())
+        check = _GuardCheck(run, M, tgt)
     g_keep = check.m0.clamp(max=opts.guard_margin)  # (G,) margin each guard must keep
     first = owner == 0
     _, _, prob_before = _target_stats(base_logits[first], tgt[first])

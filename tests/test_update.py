@@ -44,8 +44,7 @@ def _layer(ed: Editor, ex: Example, slots: torch.Tensor, guards) -> tuple[_Final
         x_edit = ed.model.residual_before_final_ffn(batch.ids)[scored]
         M = x_edit.shape[0]
         run = _FinalLayer(ed.model, torch.cat([x_edit, guards.x_mid]), slots)
-        zero = torch.zeros(slots.numel(), run.read.shape[1])
-        check = _GuardCheck(run, M, run(zero, slice(M, None)), batch.targets[scored], ed.model.head.weight.detach())
+        check = _GuardCheck(run, M, batch.targets[scored])
     return run, check, M
 
 
