@@ -14,6 +14,13 @@ from knowedit.cli.common import JsonOpt, LedgerOpt, ModelOpt, console, emit_json
 app = typer.Typer(help="Apply and revert edits.", no_args_is_help=True)
 
 
+def _default(name: str) -> object:
+    """The library's default of an edit option: the CLI never has its own."""
+    from knowedit.update import EditOptions
+
+    return getattr(EditOptions(), name)
+
+
 def _record_row(rec: object) -> dict:
     d = rec.to_dict()  # type: ignore[attr-defined]
     d["slots"] = [list(s) for s in d["slots"]]
@@ -29,9 +36,12 @@ def apply(
     subject: Annotated[str | None, typer.Option("--subject", "-s", help="Subject as written in the prompt.")] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="EasyEdit-format JSON or JSONL requests.")] = None,
     ledger: LedgerOpt = None,
-    top_t: Annotated[int, typer.Option(help="Value rows to update per edit.")] = 64,
-    max_steps: Annotated[int, typer.Option(help="Optimisation step budget per edit.")] = 60,
-    conflict: Annotated[str, typer.Option(help="Slots owned by live edits: avoid or joint.")] = "avoid",
+    top_t: Annotated[int, typer.Option(help="Value rows to update per edit.")] = _default("top_t"),  # type: ignore[assignment]
+    max_steps: Annotated[int, typer.Option(help="Optimisation step budget per edit.")] = _default("max_steps"),  # type: ignore[assignment]
+    conflict: Annotated[str, typer.Option(help="Slots owned by live edits: joint or avoid.")] = _default("conflict"),  # type: ignore[assignment]
+    resume: Annotated[
+        bool, typer.Option("--resume", help="With --file: skip requests already live in the ledger (finish a batch that stopped).")
+    ] = False,
     author: Annotated[str | None, typer.Option(help="Recorded in the ledger.")] = None,
     note: Annotated[str | None, typer.Option(help="Free text recorded in the ledger.")] = None,
     json_out: JsonOpt = False,
@@ -43,6 +53,8 @@ def apply(
         raise fail("give either --prompt and --target, or --file")
     if file is None and (prompt is None or target is None):
         raise fail("--prompt and --target go together")
+    if resume and file is None:
+        raise fail("--resume goes with --file")
     opts = {"top_t": top_t, "max_steps": max_steps, "conflict": conflict}
     with Editor.open(model, ledger=ledger, author=author) as ed:
         if file is None:
@@ -56,7 +68,7 @@ def apply(
                 console=console, disable=json_out, transient=True,
             ) as bar:
                 task = bar.add_task("edit", total=len(reqs))
-                recs = ed.edit_many(reqs, on_edit=lambda _r: bar.advance(task), **opts)
+                recs = ed.edit_many(reqs, on_edit=lambda _r: bar.advance(task), resume=resume, note=note, **opts)
     if json_out:
         rows = [_record_row(r) for r in recs]
         emit_json(rows[0] if file is None else rows)

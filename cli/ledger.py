@@ -15,25 +15,31 @@ from knowedit.cli.common import JsonOpt, LedgerOpt, ModelOpt, console, emit_json
 app = typer.Typer(help="Inspect, verify and export the edit ledger.", no_args_is_help=True)
 
 
-def _open_ledger(model: Path, ledger: str | None):  # noqa: ANN202
-    """The ledger, checked against the model's base fingerprint, without creating one."""
+def open_existing_ledger(model: Path, ledger: str | None):  # noqa: ANN202
+    """The ledger, checked against the model's base fingerprint, without creating one:
+    a missing ledger (a mistyped --ledger too) is a one-line error."""
     from knowedit.checkpoint import MODEL_FILE, model_fingerprint
-    from knowedit.ledger import Ledger
+    from knowedit.editor import LEDGER_FILE
+    from knowedit.ledger import Ledger, LedgerMissing
 
     if not (model / MODEL_FILE).is_file():
         raise fail(f"{model} is not a knowedit checkpoint (missing {MODEL_FILE})")
-    url = ledger if ledger is not None else str(model / "ledger.db")
-    if ledger is None and not Path(url).is_file():
-        raise fail(f"no ledger at {url}: no edit has been applied yet")
-    return Ledger(url, model_fingerprint(model / MODEL_FILE), create=False)
+    url = ledger if ledger is not None else str(model / LEDGER_FILE)
+    try:
+        return Ledger(url, model_fingerprint(model / MODEL_FILE), create=False)
+    except LedgerMissing as err:
+        hint = "no edit has been applied yet" if ledger is None else "check the --ledger path or URL"
+        raise fail(f"{err}: {hint}") from None
+
 
 
 def _summary(ev: object, live: set[str]) -> dict:
     e = ev  # an Event
     return {
         "seq": e.seq, "kind": e.kind, "id": e.edit_id, "created_at": e.created_at, "author": e.author,
-        "prompt": e.request.get("prompt"), "target_new": e.request.get("target_new"),
-        "slots": len(e.rows), "live": e.kind == "apply" and e.edit_id in live,
+        "prompt": e.request.get("prompt") if e.kind != "learn" else f"learning run on {e.request.get('data', '?')}",
+        "target_new": e.request.get("target_new"),
+        "slots": len(e.rows), "live": e.kind != "revert" and e.edit_id in live,
     }
 
 
@@ -41,7 +47,7 @@ def _summary(ev: object, live: set[str]) -> dict:
 @friendly
 def list_(model: ModelOpt, ledger: LedgerOpt = None, json_out: JsonOpt = False) -> None:
     """List every event, oldest first."""
-    led = _open_ledger(model, ledger)
+    led = open_existing_ledger(model, ledger)
     events = led.events()
     live = {e.edit_id for e in led.live_edits()}
     rows = [_summary(e, live) for e in events]
@@ -69,7 +75,7 @@ def show(
     json_out: JsonOpt = False,
 ) -> None:
     """Show one edit: request, settings, metrics and the slots it changed."""
-    led = _open_ledger(model, ledger)
+    led = open_existing_ledger(model, ledger)
     ev = led.get(edit_id)
     out = {
         "id": ev.edit_id, "seq": ev.seq, "created_at": ev.created_at, "author": ev.author, "note": ev.note,
@@ -94,18 +100,16 @@ def show(
 def verify(model: ModelOpt, ledger: LedgerOpt = None, json_out: JsonOpt = False) -> None:
     """Recompute the hash chain and check the live rows equal base + the live edits."""
     from knowedit.editor import Editor
-
-    if ledger is None and not (model / "ledger.db").is_file():
-        raise fail(f"no ledger at {model / 'ledger.db'}: no edit has been applied yet")
     from knowedit.ledger import LedgerError
 
+    open_existing_ledger(model, ledger).close()  # a missing ledger is an error, never a new one
     try:
         with Editor.open(model, ledger=ledger) as ed:
             problems = ed.verify()
             n = len(ed.history())
     except LedgerError as err:
         # The ledger cannot even be replayed: report what the hash chain says.
-        led = _open_ledger(model, ledger)
+        led = open_existing_ledger(model, ledger)
         try:
             problems = led.verify_chain() or [str(err)]
             n = led.last_seq()
@@ -130,7 +134,7 @@ def export(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write JSONL here [default: stdout].")] = None,
 ) -> None:
     """Export every event as JSONL (rows as base64 bytes with dtype and shape)."""
-    led = _open_ledger(model, ledger)
+    led = open_existing_ledger(model, ledger)
     if out is None:
         led.export_jsonl(sys.stdout)
     else:

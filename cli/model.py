@@ -72,10 +72,14 @@ def ask(
 ) -> None:
     """Greedy completion by the model (base + the ledger's live edits, when a ledger exists)."""
     from knowedit.checkpoint import load_checkpoint
+    from knowedit.editor import LEDGER_FILE
     from knowedit.inference import greedy
 
-    if not base and (ledger is not None or (model / "ledger.db").is_file()):
+    if not base and (ledger is not None or (model / LEDGER_FILE).exists()):
+        from knowedit.cli.ledger import open_existing_ledger
         from knowedit.editor import Editor
+
+        open_existing_ledger(model, ledger).close()  # a mistyped --ledger is an error, not the base model
 
         with Editor.open(model, ledger=ledger) as ed:
             answer, live = ed.ask(prompt, max_new_tokens), len(ed.live_edits())
@@ -97,7 +101,7 @@ def stats(
 ) -> None:
     """Compute background slot usage over the training corpus (or another) and store it in MODEL."""
     from knowedit.checkpoint import load_checkpoint
-    from knowedit.editor import CORPUS_FILE, build_stats
+    from knowedit.side_files import CORPUS_FILE, build_stats
 
     ck = load_checkpoint(model)
     src = corpus or model / CORPUS_FILE
@@ -153,6 +157,10 @@ def locate(
 
     if top < 1:
         raise fail("--top must be >= 1")
+    if ledger is not None:
+        from knowedit.cli.ledger import open_existing_ledger
+
+        open_existing_ledger(model, ledger).close()
     with Editor.open(model, ledger=ledger) as ed:
         loc = ed.locate(prompt, target, subject, widen=widen)
     rows = [vars(s) for s in loc.top(top)]

@@ -5,25 +5,36 @@ The base checkpoint on disk never changes. The ledger is the source of truth:
 the live model is the base plus a replay of the live edits, so an edit is
 committed exactly when its ledger transaction commits (crash-safe by
 construction), and two processes serialise on the ledger's write lock,
-each replaying the other's events before it edits.
+each replaying the other's events before it edits. The ledger is created by
+the first write (an edit or a learning run's commit), never by opening or reading.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from knowedit.checkpoint import STATS_FILE, Checkpoint, load_checkpoint, save_checkpoint
-from knowedit.data.records import EditRequest, Example, read_examples, requests_from, write_jsonl
+from knowedit.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from knowedit.data.records import EditRequest, Example, requests_from
 from knowedit.inference import PromptError, encode_examples, encode_pair, greedy, teacher_forced
-from knowedit.ledger import Event, Ledger, LedgerError, RowChange
+from knowedit.ledger import (
+    APPLY_KINDS,
+    Event,
+    Ledger,
+    LedgerError,
+    LedgerMissing,
+    RowChange,
+    is_in_memory,
+)
 from knowedit.locate import KeySearch, Location, SlotScore, locate, slots_by_pool, trace_fact
-from knowedit.stats import SlotStats, compute_slot_stats
+from knowedit.side_files import CORPUS_FILE, STATS_DOCS_FILE, build_stats, load_background
+from knowedit.stats import SlotStats
 from knowedit.update import (
     EditOptions,
     Guards,
@@ -34,13 +45,24 @@ from knowedit.update import (
     uses_final_pool_only,
 )
 
-CORPUS_FILE = "corpus.jsonl"
-STATS_DOCS_FILE = "slot_stats_docs.jsonl"
 LEDGER_FILE = "ledger.db"
 
 
 class EditError(ValueError):
     """An edit or revert that cannot be done; nothing was changed."""
+
+
+class BatchError(EditError):
+    """A batch stopped midway: ``applied`` edits are committed, the rest are not."""
+
+    def __init__(self, message: str, applied: list[EditRecord], index: int) -> None:
+        super().__init__(message)
+        self.applied = applied
+        self.index = index
+
+
+def _request_key(req: EditRequest) -> tuple[str, str, str | None]:
+    return (req.prompt.strip(), req.target_new.strip(), req.subject)
 
 
 @dataclass
@@ -60,25 +82,29 @@ class EditRecord:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def build_stats(ck: Checkpoint, docs: list[Example], on_batch: Callable[[int], None] | None = None) -> SlotStats:
-    """Compute background slot statistics over ``docs`` and store them in the checkpoint dir."""
-    stats = compute_slot_stats(ck.model, ck.codec, docs, on_batch=on_batch)
-    stats.save(ck.path / STATS_FILE)
-    write_jsonl(ck.path / STATS_DOCS_FILE, ({"prompt": e.prompt, "answer": e.answer} for e in docs))
-    return stats
-
-
 class Editor:
     """Edit the facts of a memory-layer model; see :meth:`open`."""
 
-    def __init__(self, ck: Checkpoint, ledger: Ledger, stats: SlotStats | None, docs: list[Example], author: str | None) -> None:
+    def __init__(
+        self,
+        ck: Checkpoint,
+        ledger: Ledger | None,
+        stats: SlotStats | None,
+        docs: list[Example],
+        author: str | None,
+        ledger_url: str | None = None,
+        background: str = "loaded",
+    ) -> None:
         self.ck = ck
         self.model = ck.model
         self.codec = ck.codec
         self.ledger = ledger
+        self.ledger_url = ledger_url if ledger_url is not None else (ledger.url if ledger is not None else str(ck.path / LEDGER_FILE))
         self.stats = stats
         self.docs = docs
         self.author = author
+        self.background = background
+        """How the background statistics were had: ``loaded``, ``built``, ``rebuilt``, ``memory`` or ``none``."""
         self.search = KeySearch(self.model)
         self.pools = {p.name: p.values for p in self.model.pools.values()}
         self.base = {name: v.detach().clone() for name, v in self.pools.items()}
@@ -89,7 +115,9 @@ class Editor:
         self._bg: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._bg_sel: Selection | None = None
         self._seq = 0
-        self._sync(self.ledger.events())
+        self._learning: LearningSession | None = None
+        if self.ledger is not None:
+            self._sync(self.ledger.events())
 
     # ------------------------------------------------------------------ open
     @classmethod
@@ -105,29 +133,41 @@ class Editor:
         Args:
             model_dir: a directory written by ``knowedit train``.
             ledger: a path or SQLAlchemy URL; default ``model_dir/ledger.db``.
+                Opening never creates it: the first edit does.
             device: where the model runs.
             author: recorded with every event this Editor writes.
 
         If the directory has no ``slot_stats.safetensors`` but has its training
         corpus, background statistics are computed and stored first (what
-        ``knowedit stats`` does).
+        ``knowedit stats`` does); a damaged pair is rebuilt, or refused naming
+        the file (:func:`knowedit.side_files.load_background`).
+
+        Raises:
+            CheckpointError, SideFileError, LedgerError, EditError: the message names the problem.
         """
+        url = ledger if ledger is not None else None
+        if url is not None and is_in_memory(url):
+            raise EditError(
+                f"ledger {url!r} is in memory: every edit would be lost when the process exits; "
+                "give a file path or a database URL"
+            )
         ck = load_checkpoint(model_dir, device=device)
-        stats, docs = None, []
-        if (ck.path / STATS_FILE).is_file() and (ck.path / STATS_DOCS_FILE).is_file():
-            try:
-                stats = SlotStats.load(ck.path / STATS_FILE)
-            except Exception as err:
-                raise EditError(f"{ck.path / STATS_FILE} is unreadable ({err}); rerun `knowedit stats`") from None
-            docs = read_examples(ck.path / STATS_DOCS_FILE)
-        elif (ck.path / CORPUS_FILE).is_file():
-            docs = read_examples(ck.path / CORPUS_FILE)
-            stats = build_stats(ck, docs)
-        url = ledger if ledger is not None else str(ck.path / LEDGER_FILE)
-        return cls(ck, Ledger(url, ck.fingerprint), stats, docs, author)
+        url = url if url is not None else str(ck.path / LEDGER_FILE)
+        try:
+            led: Ledger | None = Ledger(url, ck.fingerprint, create=False)
+        except LedgerMissing:
+            led = None
+        try:
+            stats, docs, how = load_background(ck)
+            return cls(ck, led, stats, docs, author, ledger_url=url, background=how)
+        except BaseException:
+            if led is not None:
+                led.close()
+            raise
 
     def close(self) -> None:
-        self.ledger.close()
+        if self.ledger is not None:
+            self.ledger.close()
 
     def __enter__(self) -> Editor:
         return self
@@ -135,29 +175,53 @@ class Editor:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _writable_ledger(self) -> Ledger:
+        """The ledger, created now if this is the first write."""
+        if self.ledger is None:
+            self.ledger = Ledger(self.ledger_url, self.ck.fingerprint, create=True)
+        return self.ledger
+
+    def _reader_ledger(self) -> Ledger | None:
+        """The ledger, if one exists by now (another process may have created it)."""
+        if self.ledger is None:
+            try:
+                self.ledger = Ledger(self.ledger_url, self.ck.fingerprint, create=False)
+            except LedgerMissing:
+                return None
+        return self.ledger
+
     # ----------------------------------------------------------- live state
-    def _write(self, rows: list[RowChange], which: str) -> None:
+    def _drop_caches(self) -> None:
+        """The residual stream before the last memory layer may have changed."""
+        self._bg = None
+        self._bg_sel = None
+        self._freads.clear()
+        self._reads.clear()
+
+    def _write(self, rows: list[RowChange], which: str, event: str = "") -> None:
         final = self.model.final_memory()
         if any(final is None or r.pool != final.pool.name for r in rows) or (final and not uses_final_pool_only(self.model, {final.pool.name})):
-            # The residual stream before the last memory layer changes: drop its caches.
-            self._bg = None
-            self._bg_sel = None
-            self._freads.clear()
+            self._drop_caches()
+        session = self._learning
         with torch.no_grad():
             for r in rows:
+                if session is not None:
+                    session._external_write(r.pool, r.slot, event)
                 self.pools[r.pool][r.slot] = getattr(r, which).to(self.pools[r.pool].device)
+                if session is not None:
+                    session._snapshot[r.pool][r.slot] = self.pools[r.pool][r.slot]
 
     def _sync(self, events: list[Event]) -> None:
         """Apply events this process has not seen yet (other processes' edits)."""
         for ev in events:
             if ev.seq <= self._seq:
                 continue
-            if ev.kind == "apply":
-                self._write(ev.rows, "after")
+            if ev.kind in APPLY_KINDS:
+                self._write(ev.rows, "after", f"{ev.kind} {ev.edit_id}")
                 self._applies[ev.edit_id] = ev
                 self._live[ev.edit_id] = ev
             else:
-                self._write(self._applies[ev.edit_id].rows, "before")
+                self._write(self._applies[ev.edit_id].rows, "before", f"the revert of {ev.edit_id}")
                 self._live.pop(ev.edit_id, None)
             self._seq = ev.seq
 
@@ -181,7 +245,9 @@ class Editor:
     # ----------------------------------------------------------------- ask
     def refresh(self) -> None:
         """Replay edits that other processes committed since this Editor last looked."""
-        self._sync(self.ledger.events(after_seq=self._seq))
+        led = self._reader_ledger()
+        if led is not None:
+            self._sync(led.events(after_seq=self._seq))
 
     def ask(self, prompt: str, max_new_tokens: int = 8) -> str:
         """Greedy completion of ``prompt`` by the live (edited) model."""
@@ -216,7 +282,10 @@ class Editor:
         """Facts that must keep their answers: background readers of the chosen
         slots (not the edited subject's) and live edits that read them."""
         out: list[Example] = []
+        replaced = self._same_prompt_edits(req.prompt)
         for ev in self._live.values():
+            if ev.edit_id in replaced or ev.kind != "apply":
+                continue  # a re-edit of the same prompt replaces it; learn events have no prompt
             reads = self._reads_of(ev)
             if ev.edit_id in overlapping or any(
                 set(ids.tolist()) & reads.get(pool, set()) for pool, ids in chosen.items()
@@ -235,6 +304,14 @@ class Editor:
                     continue
                 out.append(ex)
         return out
+
+    def _same_prompt_edits(self, prompt: str) -> set[str]:
+        """Live edits of the same prompt (a new edit of it replaces them)."""
+        p = prompt.strip()
+        return {
+            eid for eid, ev in self._live.items()
+            if ev.kind == "apply" and str(ev.request.get("prompt", "")).strip() == p
+        }
 
     def _options(self, options: Mapping[str, object]) -> EditOptions:
         try:
@@ -269,13 +346,15 @@ class Editor:
         if req.subject is not None and req.subject not in req.prompt:
             raise EditError(f"subject {req.subject!r} does not occur in the prompt")
         self._check(req)
-        with self.ledger.transaction() as txn:
+        with self._writable_ledger().transaction() as txn:
             t_start = time.perf_counter()
             self._sync(txn.events(after_seq=self._seq))
             t0 = time.perf_counter()
             examples = [Example(req.prompt.strip(), req.target_new.strip()), *self._cophrases(req, opts)]
             ranked = self._locate_all(examples, req.subject, opts)
-            owned = self._owned()
+            # A live edit of the same prompt is being replaced: its slots are not in the way.
+            same = self._same_prompt_edits(req.prompt)
+            owned = {pool: {slot: eid for slot, eid in m.items() if eid not in same} for pool, m in self._owned().items()}
             clash: dict[str, list[tuple[str, int]]] = {}
             for sc in ranked[: opts.top_t]:
                 eid = owned.get(sc.pool, {}).get(sc.slot)
@@ -283,6 +362,11 @@ class Editor:
                     clash.setdefault(eid, []).append((sc.pool, sc.slot))
             if opts.conflict == "avoid" and clash:
                 ranked = [sc for sc in ranked if sc.slot not in owned.get(sc.pool, {})]
+            if not ranked:
+                raise EditError(
+                    f"no slot left to edit for {req.prompt!r}: every candidate slot belongs to a live edit "
+                    "(conflict=avoid); use conflict=joint, or revert those edits"
+                )
             chosen = slots_by_pool(ranked[: opts.top_t])
             final_only = opts.layers == "last" and uses_final_pool_only(self.model, set(chosen))
             if final_only:
@@ -442,7 +526,7 @@ class Editor:
         if ev.edit_id not in self._freads:
             final = self.model.final_memory()
             out = []
-            if final is not None:
+            if final is not None and ev.kind == "apply":  # a learn event has no prompt to guard
                 target = ev.request["target_new"]
                 for prompt in [ev.request["prompt"], *ev.metrics.get("cophrases", [])]:
                     b = encode_examples(self.codec, [Example(prompt, target)], self.model.cfg.max_seq_len)
@@ -462,11 +546,29 @@ class Editor:
         self,
         requests: str | Path | Iterable[Mapping | EditRequest],
         on_edit: Callable[[EditRecord], None] | None = None,
+        *,
+        resume: bool = False,
+        note: str | None = None,
         **options: object,
     ) -> list[EditRecord]:
         """Apply EasyEdit-format requests (dicts, :class:`EditRequest` or a JSON/JSONL path) in order.
 
         Every request is validated before the first edit, so a malformed file changes nothing.
+
+        Args:
+            requests: the requests.
+            on_edit: called after each applied edit.
+            resume: skip requests that are already live in the ledger (same prompt,
+                target and subject): finishes a batch that stopped midway.
+            note: free text stored with every edit.
+            **options: :class:`knowedit.update.EditOptions` fields.
+
+        Returns:
+            The applied edits, in order (skipped requests have none).
+
+        Raises:
+            BatchError: an edit failed (e.g. the writer waited too long for the
+                ledger): it names the edits applied before it and how many are left.
         """
         reqs = requests_from(requests)
         self._options(options)
@@ -475,13 +577,37 @@ class Editor:
                 self._check(r)
             except PromptError as err:
                 raise EditError(f"request {i}: {err}") from None
-        out = []
-        for r in reqs:
-            rec = self.apply(r, **options)
+        live = self.live_requests() if resume else set()
+        out: list[EditRecord] = []
+        for i, r in enumerate(reqs):
+            if _request_key(r) in live:
+                continue
+            try:
+                rec = self.apply(r, note=note, **options)
+            except (EditError, LedgerError) as err:
+                done = ", ".join(x.id for x in out) or "none"
+                left = sum(1 for q in reqs[i:] if _request_key(q) not in live)
+                raise BatchError(
+                    f"stopped at request {i + 1} of {len(reqs)} ({r.prompt!r}): {err}. Applied in this run: "
+                    f"{len(out)} ({done}). {left} request(s) not applied: run the same command with "
+                    "--resume (edit_many(..., resume=True)) to apply them",
+                    applied=out,
+                    index=i,
+                ) from err
+            live.add(_request_key(r))
             out.append(rec)
             if on_edit:
                 on_edit(rec)
         return out
+
+    def live_requests(self) -> set[tuple[str, str, str | None]]:
+        """(prompt, target_new, subject) of every live edit."""
+        self.refresh()
+        return {
+            (str(ev.request.get("prompt", "")).strip(), str(ev.request.get("target_new", "")).strip(), ev.request.get("subject"))
+            for ev in self._live.values()
+            if ev.kind == "apply"
+        }
 
     # -------------------------------------------------------------- revert
     def _dependents(self, ev: Event) -> list[Event]:
@@ -510,7 +636,7 @@ class Editor:
         Raises:
             EditError: unknown or already reverted id, or later edits in the way without ``cascade``.
         """
-        with self.ledger.transaction() as txn:
+        with self._ledger_for_revert(edit_id).transaction() as txn:
             self._sync(txn.events(after_seq=self._seq))
             ev = self._live_apply(edit_id)
             deps = self._dependents(ev)
@@ -526,7 +652,7 @@ class Editor:
 
     def revert_to(self, edit_id: str, note: str | None = None) -> list[str]:
         """Return to the state right after edit ``edit_id``: revert every later live edit, newest first."""
-        with self.ledger.transaction() as txn:
+        with self._ledger_for_revert(edit_id).transaction() as txn:
             self._sync(txn.events(after_seq=self._seq))
             ev = self._live_apply(edit_id)
             order = sorted((e for e in self._live.values() if e.seq > ev.seq), key=lambda e: -e.seq)
@@ -534,6 +660,13 @@ class Editor:
             appended = [txn.append_revert(e.edit_id, author=self.author, note=note, request={"revert_to": edit_id}) for e in order]
         self._after_revert(order, appended)
         return [e.edit_id for e in order]
+
+    def _ledger_for_revert(self, edit_id: str) -> Ledger:
+        """The ledger (a revert never creates one: with no ledger, no id is known)."""
+        led = self._reader_ledger()
+        if led is None:
+            raise EditError(f"unknown edit id {edit_id!r}: no edit has been applied yet (no ledger at {self.ledger_url})")
+        return led
 
     def _live_apply(self, edit_id: str) -> Event:
         ev = self._applies.get(edit_id)
@@ -562,10 +695,32 @@ class Editor:
             self._live.pop(ev.edit_id, None)
             self._seq = rev.seq
 
+    # ------------------------------------------------------------ learning
+    @contextmanager
+    def learning(self) -> Iterator[LearningSession]:
+        """A learning run on the live model: train value rows of ``self.model`` in
+        place, commit what changed as ``learn`` events (:meth:`LearningSession.commit`).
+
+        Leaving the block, normally or by an exception, restores every row changed
+        since the last commit, so uncommitted learning never outlives the run.
+        """
+        if self._learning is not None:
+            raise EditError("a learning session is already open on this Editor")
+        self.refresh()
+        session = LearningSession(self)
+        self._learning = session
+        try:
+            yield session
+        finally:
+            session.discard()
+            self._learning = None
+            self._drop_caches()
+
     # ------------------------------------------------------------- history
     def history(self) -> list[Event]:
-        """Every ledger event, oldest first."""
-        return self.ledger.events()
+        """Every ledger event, oldest first (``[]`` before the first edit)."""
+        led = self._reader_ledger()
+        return led.events() if led is not None else []
 
     def live_edits(self) -> list[str]:
         """Ids of the live (applied, not reverted) edits, oldest first."""
@@ -579,17 +734,21 @@ class Editor:
             Problems found (empty when the ledger and the model agree).
         """
         self.refresh()
-        problems = list(self.ledger.verify_chain())
+        led = self._reader_ledger()
+        if led is None:
+            return []
+        problems = list(led.verify_chain())
         state = {name: v.clone() for name, v in self.base.items()}
         applies: dict[str, Event] = {}
-        for ev in self.ledger.events():
-            rows = ev.rows if ev.kind == "apply" else applies.get(ev.edit_id, ev).rows
-            src, dst = ("before", "after") if ev.kind == "apply" else ("after", "before")
+        for ev in led.events():
+            applied = ev.kind in APPLY_KINDS
+            rows = ev.rows if applied else applies.get(ev.edit_id, ev).rows
+            src, dst = ("before", "after") if applied else ("after", "before")
             for r in rows:
                 if not _same(state[r.pool][r.slot], getattr(r, src)):
                     problems.append(f"event {ev.seq} ({ev.kind} {ev.edit_id}): row {r.pool}[{r.slot}] does not match its recorded {src} row")
                 state[r.pool][r.slot] = getattr(r, dst)
-            if ev.kind == "apply":
+            if applied:
                 applies[ev.edit_id] = ev
         for name, v in self.pools.items():
             diff = (~_eq_rows(v.detach().cpu(), state[name])).nonzero().flatten()
@@ -609,6 +768,116 @@ class Editor:
         return teacher_forced(self.model, self.codec, examples)
 
 
+class LearningSession:
+    """A learning run's hold on an :class:`Editor` (from :meth:`Editor.learning`).
+
+    The run trains the memory value rows of ``editor.model`` in place; every
+    other parameter must stay as it is. :meth:`commit` turns the rows that
+    differ bitwise from the last commit (or the start) into one ledger
+    ``learn`` event with their exact before/after rows. The session keeps a
+    copy of the value pools as of the last commit (memory: one more copy of the
+    value tables) and of the other parameters.
+    """
+
+    def __init__(self, editor: Editor) -> None:
+        self.editor = editor
+        self._snapshot = {name: v.detach().clone() for name, v in editor.pools.items()}
+        values = {id(p) for p in editor.model.value_parameters()}
+        self._dense = {n: p.detach().clone() for n, p in editor.model.named_parameters() if id(p) not in values}
+        self._conflicts: dict[tuple[str, int], str] = {}
+        self.commits: list[EditRecord] = []
+
+    def _external_write(self, pool: str, slot: int, event: str) -> None:
+        """Another event is about to write a row: a conflict if this run changed it."""
+        live, snap = self.editor.pools[pool][slot].detach(), self._snapshot[pool][slot]
+        if not _same(live.cpu(), snap.cpu()):
+            self._conflicts.setdefault((pool, int(slot)), event or "another event")
+
+    def changed(self) -> dict[str, torch.Tensor]:
+        """pool -> sorted slot ids whose live row differs from the last commit."""
+        out = {}
+        for name, v in self.editor.pools.items():
+            ids = (~_eq_rows(v.detach().cpu(), self._snapshot[name].cpu())).nonzero().flatten()
+            if ids.numel():
+                out[name] = ids
+        return out
+
+    def _check_dense(self) -> None:
+        params = dict(self.editor.model.named_parameters())
+        for name, before in self._dense.items():
+            if not _same(params[name].detach().cpu(), before.cpu()):
+                raise EditError(
+                    f"the learning run changed {name}, which is not a memory value row; only value "
+                    "rows are recorded in the ledger (use a dense method with an output directory)"
+                )
+
+    def commit(
+        self, request: dict, settings: dict, metrics: dict, note: str | None = None, method: str = "sparse"
+    ) -> EditRecord:
+        """Record every value row changed since the last commit as one ``learn`` event.
+
+        Other writers' new events are replayed first, in the same transaction; if
+        one of them changed a row this run changed, nothing is committed.
+
+        Returns:
+            The :class:`EditRecord` of the event (id ``l...``, slots, metrics).
+
+        Raises:
+            EditError: nothing changed, a non-value parameter changed, or a conflict.
+        """
+        ed = self.editor
+        if ed._learning is not self:
+            raise EditError("this learning session has ended")
+        self._check_dense()
+        if self._conflicts:
+            raise self._conflict_error()
+        if not self.changed():
+            raise EditError("nothing to commit: no value row changed since the last commit")
+        with ed._writable_ledger().transaction() as txn:
+            ed._sync(txn.events(after_seq=ed._seq))
+            if self._conflicts:
+                raise self._conflict_error()
+            changed = self.changed()
+            rows = [
+                RowChange(pool, int(slot), self._snapshot[pool][slot].detach().cpu().clone(), ed.pools[pool][slot].detach().cpu().clone())
+                for pool, ids in changed.items()
+                for slot in ids.tolist()
+            ]
+            ev = txn.append_apply(
+                request=request, method=method, settings=settings, metrics=metrics, rows=rows,
+                author=ed.author, note=note, kind="learn",
+            )
+        # Committed: the rows are already live; the bookkeeping follows.
+        for r in ev.rows:
+            self._snapshot[r.pool][r.slot] = r.after.to(self._snapshot[r.pool].device)
+        ed._applies[ev.edit_id] = ev
+        ed._live[ev.edit_id] = ev
+        ed._seq = ev.seq
+        ed._drop_caches()
+        rec = EditRecord(ev.edit_id, "", "", None, [(r.pool, r.slot) for r in ev.rows], dict(metrics), [], ev.seq)
+        self.commits.append(rec)
+        return rec
+
+    def _conflict_error(self) -> EditError:
+        (pool, slot), event = next(iter(self._conflicts.items()))
+        return EditError(
+            f"{event}, committed by another writer during this learning run, changed "
+            f"{len(self._conflicts)} row(s) the run had changed (e.g. {pool}[{slot}]); the uncommitted "
+            "part of the run is discarded"
+        )
+
+    def discard(self) -> None:
+        """Restore every row (and parameter) changed since the last commit."""
+        ed = self.editor
+        with torch.no_grad():
+            for pool, ids in self.changed().items():
+                ed.pools[pool][ids] = self._snapshot[pool][ids].to(ed.pools[pool].device)
+            params = dict(ed.model.named_parameters())
+            for name, before in self._dense.items():
+                if not _same(params[name].detach().cpu(), before.cpu()):
+                    params[name].copy_(before)
+
+
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality (NaN payloads and -0.0 included)."""
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
@@ -619,4 +888,4 @@ def _eq_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.contiguous().view(torch.uint8) == b.contiguous().view(torch.uint8)).all(-1)
 
 
-__all__ = ["EditError", "EditOptions", "EditRecord", "Editor", "LedgerError"]
+__all__ = ["CORPUS_FILE", "STATS_DOCS_FILE", "build_stats", "BatchError", "EditError", "EditOptions", "EditRecord", "Editor", "LearningSession", "LedgerError"]

@@ -6,23 +6,27 @@ Three tables, all append-only:
 
 ``ledger_meta``
     key/value pairs written once when the ledger is created: the schema
-    version and the fingerprint of the base checkpoint.
+    version, the fingerprint of the base checkpoint and, for a keyed ledger,
+    the id of its HMAC key.
 ``ledger_events``
-    one row per ``apply`` or ``revert``, in ``seq`` order, with its JSON
-    payloads stored as canonical JSON text and its chained sha256 hash.
+    one row per ``apply``, ``learn`` or ``revert``, in ``seq`` order, with its
+    JSON payloads stored as canonical JSON text, its chained sha256 hash and,
+    in a keyed ledger, an HMAC of that hash.
 ``ledger_rows``
-    one row per changed value row of an ``apply``: memory (pool) name, slot,
-    dtype name, shape (JSON), and the raw ``before``/``after`` bytes.
+    one row per changed value row of an ``apply`` or ``learn``: memory (pool)
+    name, slot, dtype name, shape (JSON), and the raw ``before``/``after`` bytes.
 
-On SQLite, triggers abort any UPDATE or DELETE on these tables, so a bug in
-the caller cannot rewrite history; deliberate tampering (dropping the
-triggers) is caught by the hash chain. Store functions take a ``Session``
-inside a transaction the caller owns, and flush; they never commit.
+Triggers (SQLite, and PL/pgSQL ones on PostgreSQL) abort any UPDATE or DELETE
+on these tables (and TRUNCATE on PostgreSQL), so a bug in the caller cannot
+rewrite history; deliberate tampering (dropping the triggers) is caught by
+the hash chain, and recomputed hashes by the keyed HMAC. Store functions take
+a ``Session`` inside a transaction the caller owns, and flush; they never commit.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
 import secrets
@@ -47,6 +51,7 @@ from sqlalchemy import (
     func,
     select,
 )
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 GENESIS_HASH = "0" * 64
@@ -63,6 +68,19 @@ for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnu
 
 class LedgerError(Exception):
     """Any user-facing ledger failure; the message names the problem."""
+
+
+class LedgerMissing(LedgerError):
+    """There is no ledger at that location yet (no file, or no ledger tables)."""
+
+
+class LedgerDamaged(LedgerError):
+    """The stored chain does not verify: a changed, dropped or reordered event."""
+
+
+APPLY_KINDS = ("apply", "learn")
+"""Event kinds that change value rows (and can be reverted)."""
+EVENT_KINDS = (*APPLY_KINDS, "revert")
 
 
 @dataclass(eq=False)
@@ -88,8 +106,9 @@ class Event:
 
     Attributes:
         seq: position in the ledger, 1, 2, 3, ...
-        kind: ``"apply"`` or ``"revert"``.
-        edit_id: the new edit's id (apply) or the id of the reverted edit (revert).
+        kind: ``"apply"`` (an edit), ``"learn"`` (a learning run's committed
+            part) or ``"revert"``.
+        edit_id: the new event's id (apply, learn) or the id it reverts (revert).
         created_at: ISO-8601 UTC timestamp.
         author: who made the event, if known.
         note: free text.
@@ -97,9 +116,10 @@ class Event:
         method: editing method name (apply) or ``""`` (revert).
         settings: method settings (JSON).
         metrics: edit metrics (JSON).
-        rows: the changed rows (apply) or ``[]`` (revert).
+        rows: the changed rows (apply, learn) or ``[]`` (revert).
         prev_hash: the previous event's hash (64 zeros for the first).
         hash: sha256 over ``prev_hash`` and this event's canonical encoding.
+        mac: HMAC-SHA256 of ``hash`` under the ledger's key (keyed ledgers), else None.
     """
 
     seq: int
@@ -115,11 +135,13 @@ class Event:
     rows: list[RowChange]
     prev_hash: str
     hash: str
+    mac: str | None = None
 
 
 # ------------------------------------------------------------------- tables
-SCHEMA_VERSION = 1
-"""Bump when the tables or the hash encoding change; old ledgers are refused."""
+SCHEMA_VERSION = 2
+"""Bump when the tables or the hash encoding change; old ledgers are refused.
+2: ``learn`` events, the ``mac`` column, PostgreSQL append-only triggers."""
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -152,7 +174,7 @@ class EventRecord(LedgerBase):
     __table_args__ = (
         # An id is applied once and reverted at most once.
         UniqueConstraint("kind", "edit_id"),
-        CheckConstraint("kind IN ('apply', 'revert')", name="kind"),
+        CheckConstraint("kind IN ('apply', 'learn', 'revert')", name="kind"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -168,6 +190,8 @@ class EventRecord(LedgerBase):
     metrics_json: Mapped[str] = mapped_column("metrics", Text)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+    mac: Mapped[str | None] = mapped_column(String(64))
+    """HMAC-SHA256 of ``hash`` under the ledger key (keyed ledgers only)."""
 
     rows: Mapped[list[RowRecord]] = relationship(
         back_populates="event", order_by="RowRecord.position", lazy="selectin"
@@ -199,18 +223,69 @@ class RowRecord(LedgerBase):
     event: Mapped[EventRecord] = relationship(back_populates="rows")
 
 
+APPEND_ONLY_MESSAGE = "the knowedit ledger is append-only"
+
+PG_GUARD_FUNCTION = "knowedit_ledger_append_only"
+
+
+def trigger_names(table: str) -> list[str]:
+    """The append-only triggers every ledger table must have."""
+    return [f"trg_{table}_no_update", f"trg_{table}_no_delete"]
+
+
+LEDGER_TABLES = ("ledger_meta", "ledger_events", "ledger_rows")
+
+
 def _forbid_rewrites(table: Table) -> None:
-    """Attach SQLite triggers that abort every UPDATE and DELETE on ``table``."""
-    for op in ("UPDATE", "DELETE"):
-        ddl = DDL(
-            f"CREATE TRIGGER trg_{table.name}_no_{op.lower()} BEFORE {op} ON {table.name} "
-            "BEGIN SELECT RAISE(ABORT, 'the knowedit ledger is append-only'); END"
+    """Attach triggers that abort every UPDATE and DELETE on ``table`` (SQLite and
+    PostgreSQL; on PostgreSQL also TRUNCATE)."""
+    for op, name in zip(("UPDATE", "DELETE"), trigger_names(table.name)):
+        sqlite_ddl = DDL(
+            f"CREATE TRIGGER {name} BEFORE {op} ON {table.name} "
+            f"BEGIN SELECT RAISE(ABORT, '{APPEND_ONLY_MESSAGE}'); END"
         )
-        event.listen(table, "after_create", ddl.execute_if(dialect="sqlite"))
+        event.listen(table, "after_create", sqlite_ddl.execute_if(dialect="sqlite"))
+        op_pg = "DELETE OR TRUNCATE" if op == "DELETE" else op
+        row_level = "" if op == "DELETE" else " FOR EACH ROW"  # TRUNCATE triggers are per statement
+        pg_ddl = DDL(
+            f"CREATE TRIGGER {name} BEFORE {op_pg} ON {table.name}{row_level} "
+            f"EXECUTE FUNCTION {PG_GUARD_FUNCTION}()"
+        )
+        event.listen(table, "after_create", pg_ddl.execute_if(dialect="postgresql"))
+
+
+_PG_FUNCTION_DDL = DDL(
+    f"CREATE OR REPLACE FUNCTION {PG_GUARD_FUNCTION}() RETURNS trigger LANGUAGE plpgsql AS "
+    f"$$ BEGIN RAISE EXCEPTION '{APPEND_ONLY_MESSAGE}'; END $$"
+)
 
 
 for _model in (MetaEntry, EventRecord, RowRecord):
+    event.listen(_model.__table__, "before_create", _PG_FUNCTION_DDL.execute_if(dialect="postgresql"))
     _forbid_rewrites(_model.__table__)  # type: ignore[arg-type]
+
+
+def missing_triggers(conn: Connection) -> list[str]:
+    """Append-only triggers that should exist on this database but do not.
+
+    SQLite and PostgreSQL only; other dialects report nothing (their append-only
+    rules are the operator's, documented in docs/ledger.md).
+    """
+    dialect = conn.dialect.name
+    if dialect == "sqlite":
+        have = set(conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'trigger'").scalars())
+    elif dialect == "postgresql":
+        have = set(
+            conn.exec_driver_sql(
+                "SELECT t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+                "WHERE NOT t.tgisinternal AND c.relname IN ('ledger_meta', 'ledger_events', 'ledger_rows') "
+                "AND c.relnamespace = to_regnamespace(current_schema())::oid AND t.tgenabled <> 'D'"
+            ).scalars()
+        )
+    else:
+        return []
+    want = [name for table in LEDGER_TABLES for name in trigger_names(table)]
+    return [name for name in want if name not in have]
 
 
 # ----------------------------------------------------------------- encoding
@@ -334,6 +409,64 @@ def event_label(rec: EventRecord) -> str:
     return f"event {rec.seq} ({rec.kind} {rec.edit_id})"
 
 
+def key_id(key: bytes) -> str:
+    """A public id of an HMAC key (stored in the ledger's meta; it does not reveal the key)."""
+    return hmac.new(key, b"knowedit-ledger-key-id/v1", hashlib.sha256).hexdigest()[:16]
+
+
+def event_mac(key: bytes, digest: str) -> str:
+    """HMAC-SHA256 of an event's chained hash under the ledger key."""
+    return hmac.new(key, digest.encode("ascii"), hashlib.sha256).hexdigest()
+
+
+class ChainCheck:
+    """Follows the hash chain one stored record at a time, in seq order.
+
+    It remembers the last verified head (seq, hash) and the ids applied so
+    far, so a later refresh checks only the new events, linked to that head.
+
+    Args:
+        key: the ledger's HMAC key (keyed ledgers), else None.
+    """
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self.key = key
+        self.seq = 0
+        self.head = GENESIS_HASH
+        self.applied: set[str] = set()
+
+    def problems(self, rec: EventRecord) -> list[str]:
+        """What is wrong with ``rec`` as the next event (``[]`` when it verifies);
+        the head moves on to ``rec`` either way."""
+        bad: list[str] = []
+        if rec.seq != self.seq + 1:
+            bad.append(f"seq gap (expected {self.seq + 1})")
+        if rec.prev_hash != self.head:
+            bad.append(
+                f"prev_hash does not link to event {self.seq}"
+                if self.seq
+                else "prev_hash is not the genesis hash (64 zeros)"
+            )
+        try:
+            if record_digest(rec) != rec.hash:
+                bad.append("hash mismatch")
+        except ValueError as exc:
+            bad.append(str(exc))
+        if self.key is not None and not (
+            isinstance(rec.mac, str) and hmac.compare_digest(rec.mac, event_mac(self.key, rec.hash))
+        ):
+            bad.append("HMAC mismatch (the event was changed or its hash recomputed)")
+        if rec.kind in APPLY_KINDS:
+            self.applied.add(rec.edit_id)
+        elif rec.kind == "revert":
+            if rec.edit_id not in self.applied:
+                bad.append("reverts an edit that was not applied before it")
+        else:
+            bad.append(f"unknown kind {rec.kind!r}")
+        self.seq, self.head = rec.seq, rec.hash
+        return bad
+
+
 def to_event(rec: EventRecord) -> Event:
     """Decode a stored record; a row or JSON that cannot be decoded is a LedgerError."""
     try:
@@ -367,6 +500,7 @@ def to_event(rec: EventRecord) -> Event:
         rows=rows,
         prev_hash=rec.prev_hash,
         hash=rec.hash,
+        mac=rec.mac,
     )
 
 
@@ -405,9 +539,9 @@ def last_seq(session: Session) -> int:
 
 
 def find_apply(session: Session, edit_id: str) -> EventRecord | None:
-    """The apply record of ``edit_id``, or ``None``."""
+    """The apply (or learn) record of ``edit_id``, or ``None``."""
     return session.scalars(
-        select(EventRecord).where(EventRecord.kind == "apply", EventRecord.edit_id == edit_id)
+        select(EventRecord).where(EventRecord.kind.in_(APPLY_KINDS), EventRecord.edit_id == edit_id)
     ).first()
 
 
@@ -419,20 +553,20 @@ def find_revert_seq(session: Session, edit_id: str) -> int | None:
 
 
 def live_records(session: Session) -> list[EventRecord]:
-    """Apply records that have no revert, in seq order."""
+    """Apply and learn records that have no revert, in seq order."""
     reverted = select(EventRecord.edit_id).where(EventRecord.kind == "revert")
     return list(
         session.scalars(
             select(EventRecord)
-            .where(EventRecord.kind == "apply", EventRecord.edit_id.not_in(reverted))
+            .where(EventRecord.kind.in_(APPLY_KINDS), EventRecord.edit_id.not_in(reverted))
             .order_by(EventRecord.seq)
         )
     )
 
 
-def new_edit_id(session: Session) -> str:
+def new_edit_id(session: Session, prefix: str = "e") -> str:
     while True:  # 40 random bits; a collision is astronomically rare but checked
-        edit_id = "e" + secrets.token_hex(5)
+        edit_id = prefix + secrets.token_hex(5)
         if find_apply(session, edit_id) is None:
             return edit_id
 
@@ -486,12 +620,16 @@ def append_event(
     rows: Sequence[RowChange],
     author: str | None,
     note: str | None,
+    key: bytes | None = None,
 ) -> Event:
     """Append one event after the current last one, chain its hash, and flush.
 
     The caller must hold the write lock (``Ledger.transaction``) so that the
-    seq and ``prev_hash`` read here are still the newest at commit.
+    seq and ``prev_hash`` read here are still the newest at commit. With a
+    ``key``, the event also carries the HMAC of its hash.
     """
+    if kind not in EVENT_KINDS:
+        raise LedgerError(f"unknown event kind {kind!r} (one of {', '.join(EVENT_KINDS)})")
     for what, text in (("author", author), ("note", note)):
         if text is not None and not isinstance(text, str):
             raise LedgerError(f"{what} must be a string or None, got {type(text).__name__}")
@@ -516,6 +654,7 @@ def append_event(
     )
     rec.rows = _encode_rows(rows)
     rec.hash = record_digest(rec)
+    rec.mac = event_mac(key, rec.hash) if key is not None else None
     session.add(rec)
     session.flush()
     return to_event(rec)

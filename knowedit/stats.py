@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from knowedit.data.records import Example
@@ -89,7 +90,8 @@ class SlotStats:
     def usage(self, pool: str) -> dict[str, float]:
         return usage_metrics(self.mass[pool])
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+        """Write the statistics as safetensors (with string ``metadata`` in its header)."""
         tensors = {"n_docs": torch.tensor([self.n_docs], dtype=torch.int64)}
         for pool in self.df:
             tensors[f"{pool}.df"] = self.df[pool]
@@ -98,7 +100,14 @@ class SlotStats:
             tensors[f"{pool}.inv_doc"] = self.inv_doc[pool]
             tensors[f"{pool}.inv_pos"] = self.inv_pos[pool]
             tensors[f"{pool}.inv_w"] = self.inv_w[pool]
-        save_file(tensors, str(path))
+        save_file(tensors, str(path), metadata=metadata)
+
+    @classmethod
+    def load_with_metadata(cls, path: str | Path) -> tuple[SlotStats, dict[str, str]]:
+        """The statistics and the header metadata they were saved with."""
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        return cls.load(path), meta
 
     @classmethod
     def load(cls, path: str | Path) -> SlotStats:

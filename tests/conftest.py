@@ -62,8 +62,8 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from knowedit.checkpoint import load_checkpoint
     from knowedit.config import load_train_config
     from knowedit.data import read_examples
-    from knowedit.editor import CORPUS_FILE, build_stats
     from knowedit.recipes.train import train
+    from knowedit.side_files import CORPUS_FILE, build_stats
 
     out = tmp_path_factory.mktemp("tiny_ckpt")
     cfg = load_train_config(str(CONFIG_DIR / "tiny.yaml"), ["logger=none"])

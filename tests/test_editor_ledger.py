@@ -38,7 +38,7 @@ from knowedit.cli.app import app
 from knowedit.data import EditRequest, load_records
 from knowedit.editor import LEDGER_FILE, EditError, Editor
 from knowedit.inference import PromptError
-from knowedit.ledger import Event, LedgerError
+from knowedit.ledger import Event, Ledger, LedgerDamaged, LedgerError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -457,6 +457,15 @@ def _label(ev: Event) -> str:
     return f"event {ev.seq} ({ev.kind} {ev.edit_id})"
 
 
+def _refused_and_reported(model_dir: Path) -> list[str]:
+    """A tampered ledger: opening an Editor (every command but verify and show)
+    refuses it, and the chain check reports what is wrong."""
+    with pytest.raises(LedgerDamaged, match="is damaged.*ledger verify"):
+        Editor.open(model_dir)
+    with Ledger(model_dir / LEDGER_FILE, load_checkpoint(model_dir).fingerprint, create=False) as led:
+        return led.verify_chain()
+
+
 def test_the_ledger_refuses_updates_and_deletes(edited_dir: Path) -> None:
     with sqlite3.connect(edited_dir / LEDGER_FILE) as con:
         for sql in (
@@ -486,8 +495,7 @@ def test_tampering_with_a_row_is_reported(edited_dir: Path, which: str) -> None:
         raw = bytearray(raw)
         raw[1] ^= 0x01  # one bit of one float
         con.execute(f"UPDATE ledger_rows SET {which} = ? WHERE id = ?", (bytes(raw), row_id))
-    with Editor.open(edited_dir) as ed:
-        problems = ed.verify()
+    problems = _refused_and_reported(edited_dir)
     assert any(_label(target) in p for p in problems), problems
 
 
@@ -511,8 +519,7 @@ def test_tampering_with_an_event_field_is_reported(edited_dir: Path, column: str
             new = (text or "") + "!"
         assert new != text
         con.execute(f"UPDATE ledger_events SET {column} = ? WHERE seq = ?", (new, target.seq))
-    with Editor.open(edited_dir) as ed:
-        problems = ed.verify()
+    problems = _refused_and_reported(edited_dir)
     assert any(_label(target) in p for p in problems), problems
 
 
@@ -525,8 +532,7 @@ def test_deleting_an_event_from_the_middle_is_reported(edited_dir: Path) -> None
         (eid,) = con.execute("SELECT id FROM ledger_events WHERE seq = 2").fetchone()
         con.execute("DELETE FROM ledger_rows WHERE event_id = ?", (eid,))
         con.execute("DELETE FROM ledger_events WHERE id = ?", (eid,))
-    with Editor.open(edited_dir) as ed:
-        problems = ed.verify()
+    problems = _refused_and_reported(edited_dir)
     assert any(_label(events[2]) in p for p in problems), problems
 
 

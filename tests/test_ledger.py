@@ -12,6 +12,8 @@ import subprocess
 import sys
 import textwrap
 from base64 import b64decode
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -60,12 +62,21 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
-def _raw(path: Path) -> sqlite3.Connection:
-    """A plain sqlite3 connection that bypasses the append-only triggers (a tamperer)."""
+@contextmanager
+def _raw(path: Path, restore_triggers: bool = True) -> Iterator[sqlite3.Connection]:
+    """A plain sqlite3 connection that bypasses the append-only triggers (a tamperer),
+    who puts the triggers back afterwards unless ``restore_triggers`` is False."""
     con = sqlite3.connect(path, isolation_level=None)
-    for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+    triggers = con.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'").fetchall()
+    for name, _ in triggers:
         con.execute(f"DROP TRIGGER {name}")
-    return con
+    try:
+        yield con
+    finally:
+        if restore_triggers:
+            for _, sql in triggers:
+                con.execute(sql)
+        con.close()
 
 
 @pytest.fixture
@@ -105,8 +116,8 @@ def test_missing_file_without_create(db: Path) -> None:
 def test_schema_version_mismatch(db: Path) -> None:
     Ledger(db, FP).close()
     with _raw(db) as con:
-        con.execute("UPDATE ledger_meta SET value = '2' WHERE key = 'schema_version'")
-    with pytest.raises(LedgerError, match="schema version 2.*schema version 1"):
+        con.execute("UPDATE ledger_meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(LedgerError, match="schema version 99.*schema version 2"):
         Ledger(db, FP)
 
 
