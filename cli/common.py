@@ -32,7 +32,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    # soft_wrap: a long path or id stays on one line (copyable), never cut at 80 columns
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

@@ -20,8 +20,10 @@ def open_existing_ledger(model: Path, ledger: str | None):  # noqa: ANN202
     a missing ledger (a mistyped --ledger too) is a one-line error."""
     from knowedit.checkpoint import MODEL_FILE, model_fingerprint
     from knowedit.editor import LEDGER_FILE
-    from knowedit.ledger import Ledger, LedgerMissing
+    from knowedit.ledger import Ledger, LedgerMissing, is_in_memory
 
+    if ledger is not None and is_in_memory(ledger):
+        raise fail(f"ledger {ledger!r} is in memory: it holds nothing a command could read; give a file path or a database URL")
     if not (model / MODEL_FILE).is_file():
         raise fail(f"{model} is not a knowedit checkpoint (missing {MODEL_FILE})")
     url = ledger if ledger is not None else str(model / LEDGER_FILE)

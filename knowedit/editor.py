@@ -11,6 +11,7 @@ the first write (an edit or a learning run's commit), never by opening or readin
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -46,6 +47,8 @@ from knowedit.update import (
 )
 
 LEDGER_FILE = "ledger.db"
+WAIT_ENV = "KNOWEDIT_LEDGER_WAIT_S"
+"""Seconds a writer waits for its turn at the ledger (default 60)."""
 
 
 class EditError(ValueError):
@@ -59,6 +62,18 @@ class BatchError(EditError):
         super().__init__(message)
         self.applied = applied
         self.index = index
+
+
+def _wait_seconds(wait_s: float | None) -> float:
+    if wait_s is None:
+        raw = os.environ.get(WAIT_ENV, "60")
+        try:
+            wait_s = float(raw)
+        except ValueError:
+            raise EditError(f"{WAIT_ENV}={raw!r} is not a number of seconds") from None
+    if not wait_s > 0:
+        raise EditError(f"the ledger wait must be a positive number of seconds, not {wait_s!r}")
+    return float(wait_s)
 
 
 def _request_key(req: EditRequest) -> tuple[str, str, str | None]:
@@ -116,6 +131,7 @@ class Editor:
         self._bg_sel: Selection | None = None
         self._seq = 0
         self._learning: LearningSession | None = None
+        self.wait_s = 60.0
         if self.ledger is not None:
             self._sync(self.ledger.events())
 
@@ -127,6 +143,7 @@ class Editor:
         ledger: str | None = None,
         device: str = "cpu",
         author: str | None = None,
+        wait_s: float | None = None,
     ) -> Editor:
         """Open a checkpoint directory for editing and replay its ledger.
 
@@ -136,6 +153,9 @@ class Editor:
                 Opening never creates it: the first edit does.
             device: where the model runs.
             author: recorded with every event this Editor writes.
+            wait_s: how long a write waits for its turn behind other writers
+                (default: ``KNOWEDIT_LEDGER_WAIT_S`` or 60 s); then it fails with
+                :class:`~knowedit.ledger.LedgerBusy` and changes nothing.
 
         If the directory has no ``slot_stats.safetensors`` but has its training
         corpus, background statistics are computed and stored first (what
@@ -151,15 +171,18 @@ class Editor:
                 f"ledger {url!r} is in memory: every edit would be lost when the process exits; "
                 "give a file path or a database URL"
             )
+        wait = _wait_seconds(wait_s)
         ck = load_checkpoint(model_dir, device=device)
         url = url if url is not None else str(ck.path / LEDGER_FILE)
         try:
-            led: Ledger | None = Ledger(url, ck.fingerprint, create=False)
+            led: Ledger | None = Ledger(url, ck.fingerprint, create=False, busy_timeout_s=wait)
         except LedgerMissing:
             led = None
         try:
             stats, docs, how = load_background(ck)
-            return cls(ck, led, stats, docs, author, ledger_url=url, background=how)
+            ed = cls(ck, led, stats, docs, author, ledger_url=url, background=how)
+            ed.wait_s = wait
+            return ed
         except BaseException:
             if led is not None:
                 led.close()
@@ -178,14 +201,14 @@ class Editor:
     def _writable_ledger(self) -> Ledger:
         """The ledger, created now if this is the first write."""
         if self.ledger is None:
-            self.ledger = Ledger(self.ledger_url, self.ck.fingerprint, create=True)
+            self.ledger = Ledger(self.ledger_url, self.ck.fingerprint, create=True, busy_timeout_s=self.wait_s)
         return self.ledger
 
     def _reader_ledger(self) -> Ledger | None:
         """The ledger, if one exists by now (another process may have created it)."""
         if self.ledger is None:
             try:
-                self.ledger = Ledger(self.ledger_url, self.ck.fingerprint, create=False)
+                self.ledger = Ledger(self.ledger_url, self.ck.fingerprint, create=False, busy_timeout_s=self.wait_s)
             except LedgerMissing:
                 return None
         return self.ledger

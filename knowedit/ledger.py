@@ -84,6 +84,7 @@ from knowedit.ledger_schema import (
     load_events,
     missing_triggers,
     new_edit_id,
+    record_digest,
     tensor_from_bytes,
     tensor_to_bytes,
     to_event,
@@ -339,8 +340,12 @@ def _check_path(path: Path, create: bool) -> bool:
     return False
 
 
-def _sqlite_engine(url: URL, in_memory: bool, busy_timeout_s: float) -> Engine:
-    """A SQLite engine where SQLAlchemy, not pysqlite, emits BEGIN (see module doc)."""
+def _sqlite_engine(url: URL, in_memory: bool, busy_timeout_s: float, wal: bool = False) -> Engine:
+    """A SQLite engine where SQLAlchemy, not pysqlite, emits BEGIN (see module doc).
+
+    ``wal`` switches the database to WAL mode, which then persists in the file: only
+    for a new ledger, so that opening a file that may not be a ledger changes nothing.
+    """
     kwargs: dict[str, Any] = {"connect_args": {"timeout": busy_timeout_s}}
     if in_memory:  # one shared connection, else every pooled connection is a new empty db
         kwargs = {"connect_args": {"check_same_thread": False}, "poolclass": StaticPool}
@@ -354,10 +359,8 @@ def _sqlite_engine(url: URL, in_memory: bool, busy_timeout_s: float) -> Engine:
         cur = dbapi_conn.cursor()
         try:
             cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            try:  # WAL: readers never block the writer. Not everywhere (network fs, memory).
+            if wal:  # WAL: readers never block the writer. Not everywhere (network fs, memory).
                 cur.execute("PRAGMA journal_mode = WAL")
-            except sqlite3.DatabaseError:
-                pass  # a garbage file fails here too; the first real query reports it
             cur.execute("PRAGMA synchronous = FULL")  # a commit survives power loss
             cur.execute("PRAGMA foreign_keys = ON")
         finally:
@@ -499,7 +502,7 @@ class Ledger:
         engine = None
         try:
             with self._db_errors():
-                engine = _sqlite_engine(url.set(database=str(temp)), False, self._busy_timeout_s)
+                engine = _sqlite_engine(url.set(database=str(temp)), False, self._busy_timeout_s, wal=True)
                 with Session(engine) as s, s.begin():
                     self._initialise(s)
                 engine.dispose()  # the last connection closes: the WAL is checkpointed into the file
@@ -534,6 +537,8 @@ class Ledger:
             if not create:
                 raise LedgerMissing(f"no ledger at {self._where} (no ledger_meta table)")
             with Session(self._write_engine) as s, s.begin():
+                if s.get_bind().dialect.name == "postgresql":  # serialise concurrent first writers
+                    s.execute(text("SELECT pg_advisory_xact_lock(hashtext('knowedit-ledger-create'))"))
                 # Again, under the write lock: another process may have created it meanwhile.
                 meta = self._read_meta(s)
                 if meta is None:
@@ -609,8 +614,14 @@ class Ledger:
             if self._damage is not None:
                 raise LedgerDamaged(self._damage)
             chain = self._chain
-            if chain.seq:
-                head = session.scalar(select(EventRecord.hash).where(EventRecord.seq == chain.seq))
+            if chain.seq:  # the head verified before must still be there, unchanged
+                head_rec = session.scalars(select(EventRecord).where(EventRecord.seq == chain.seq)).first()
+                head = None if head_rec is None else head_rec.hash
+                if head_rec is not None and head == chain.head:
+                    try:
+                        head = head if record_digest(head_rec) == head_rec.hash else ""
+                    except ValueError:
+                        head = ""
                 if head != chain.head:
                     self._damage = (
                         f"ledger {self._where} is damaged: event {chain.seq}, verified earlier, "

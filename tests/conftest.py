@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -73,3 +74,31 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
         train(cfg, progress=False)
     build_stats(load_checkpoint(out), read_examples(out / CORPUS_FILE))
     return out
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test (dropped afterwards).
+
+    ``KNOWEDIT_TEST_POSTGRES_URL`` names a server (``.ci/postgres.sh`` starts one
+    on loopback); without it the test is skipped, except in CI, where it fails.
+    """
+    import uuid
+
+    from sqlalchemy import create_engine, make_url
+
+    admin_url = os.environ.get("KNOWEDIT_TEST_POSTGRES_URL")
+    if not admin_url:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the PostgreSQL tests: .ci/run sets KNOWEDIT_TEST_POSTGRES_URL")
+        pytest.skip("no PostgreSQL server (set KNOWEDIT_TEST_POSTGRES_URL, e.g. from .ci/postgres.sh)")
+    name = f"knowedit_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as con:
+        con.exec_driver_sql(f"CREATE DATABASE {name}")
+    try:
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as con:
+            con.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.dispose()
