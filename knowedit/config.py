@@ -118,6 +118,11 @@ class TrainConfig:
     stop_at_accuracy: float = 1.01
     """Stop once greedy accuracy on the training phrasings reaches this (checked each epoch)."""
     accelerator: str = "auto"
+    """Lightning accelerator: ``auto``, ``cpu``, ``cuda``, ``gpu``, ``mps`` or ``tpu``
+    (checked against what this machine has before training starts)."""
+    threads: int = 0
+    """torch intra-op threads; 0 keeps torch's default. Results depend on it: a fixed
+    seed gives the same weights only with the same thread count."""
     precision: str = "32-true"
     logger: str = "csv"
     """``csv``, ``tensorboard`` or ``none``."""
@@ -266,14 +271,56 @@ def to_yaml(cfg: object) -> str:
 def model_config_from_yaml(text: str) -> ModelConfig:
     """Parse a saved ``config.yaml`` (a resolved :class:`TrainConfig` or bare ModelConfig).
 
+    A checkpoint's config is untrusted input and was saved resolved, so no
+    interpolation is resolved here. The text is read as plain YAML, and only
+    the model part (the ``model`` mapping, or the whole file for a bare
+    ModelConfig) goes on to OmegaConf, after a string holding ``${`` anywhere in
+    it (say ``backend: ${oc.env:HOME}``, which would read the environment) has
+    been refused, naming its key and never showing what it would resolve to.
+
     Raises:
-        ValueError: for empty text or a top level that is not a mapping (YAML and
-            OmegaConf errors for malformed text or bad keys propagate as they are).
+        ValueError: for empty text, a top level that is not a mapping, or an
+            interpolation (YAML and OmegaConf errors for malformed text or bad
+            keys propagate as they are).
     """
-    raw = OmegaConf.create(text)
-    if not isinstance(raw, DictConfig):
-        raise ValueError("the top level must be a mapping of config keys")
-    if len(raw) == 0:
+    data = yaml.safe_load(text)
+    if data is None:
         raise ValueError("it is empty (no config keys)")
-    node = raw.model if "model" in raw else raw
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node))  # type: ignore[return-value]
+    if not isinstance(data, dict):
+        raise ValueError("the top level must be a mapping of config keys")
+    if not data:
+        raise ValueError("it is empty (no config keys)")
+    where = "model" if "model" in data else ""
+    node = data["model"] if where else data
+    _refuse_interpolations(node, where)
+    if not isinstance(node, dict):
+        raise ValueError("key 'model' must be a mapping of model config keys")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.create(node)))  # type: ignore[return-value]
+
+
+def _refuse_interpolations(node: object, key: str, seen: set[int] | None = None) -> None:
+    """Raise ValueError naming the first key whose string value holds ``${``, or
+    that repeats an earlier mapping or list (a YAML alias).
+
+    A saved config has neither. Aliases are refused because copying them into
+    OmegaConf expands them, and nested aliases grow exponentially.
+    """
+    seen = set() if seen is None else seen
+    if isinstance(node, (dict, list)):
+        if id(node) in seen:
+            raise ValueError(
+                f"key {key or '(top level)'!r} repeats an earlier part of the file (a YAML alias); "
+                "a checkpoint's config must hold plain values"
+            )
+        seen.add(id(node))
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _refuse_interpolations(v, f"{key}.{k}" if key else str(k), seen)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _refuse_interpolations(v, f"{key}[{i}]", seen)
+    elif isinstance(node, str) and "${" in node:
+        raise ValueError(
+            f"key {key or '(top level)'!r} holds an interpolation ('${{...}}'); a checkpoint's "
+            "config must hold plain values and is never resolved"
+        )

@@ -15,6 +15,7 @@ from knowedit.config import (
     OptimConfig,
     TrainConfig,
     load_train_config,
+    model_config_from_yaml,
     model_preset,
     to_yaml,
 )
@@ -207,3 +208,45 @@ def test_model_presets_are_fresh_copies() -> None:
 def test_unknown_preset_raises() -> None:
     with pytest.raises(ValueError, match="'huge'.*base.*small.*tiny"):
         model_preset("huge")
+
+
+# A saved config.yaml is untrusted: read as plain YAML, never resolved.
+
+
+def test_saved_config_round_trips() -> None:
+    cfg = TrainConfig(model=model_preset("tiny"))
+    cfg.model.vocab_size = 50
+    assert model_config_from_yaml(to_yaml(cfg)) == cfg.model
+    assert model_config_from_yaml(to_yaml(cfg.model)) == cfg.model  # a bare ModelConfig
+
+
+def test_saved_config_interpolation_is_refused_unresolved(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KNOWEDIT_SECRET_FOR_TEST", "s3cr3t-value")
+    text = "model:\n  vocab_size: 50\n  memory:\n    backend: ${oc.env:KNOWEDIT_SECRET_FOR_TEST}\n"
+    with pytest.raises(ValueError, match=r"'model\.memory\.backend' holds an interpolation") as err:
+        model_config_from_yaml(text)
+    assert "s3cr3t-value" not in str(err.value)
+    # Refused even where the interpolation is the whole model node.
+    with pytest.raises(ValueError, match="'model' holds an interpolation"):
+        model_config_from_yaml("model: ${oc.env:KNOWEDIT_SECRET_FOR_TEST}\n")
+
+
+def test_saved_config_outside_the_model_part_is_not_parsed_by_omegaconf() -> None:
+    # A literal "${" in, say, a data path (no valid interpolation) does not make the
+    # checkpoint unreadable: only the model part goes to OmegaConf.
+    text = "data:\n  path: /tmp/${odd\nmodel:\n  vocab_size: 50\n"
+    assert model_config_from_yaml(text).vocab_size == 50
+
+
+def test_saved_config_yaml_alias_is_refused() -> None:
+    text = "model:\n  vocab_size: 50\n  memory_layers: &a [0, 1]\n  memory: {}\nx: *a\n"
+    assert model_config_from_yaml(text).memory_layers == [0, 1]  # alias outside the model part
+    bomb = "a: &a [1, 1]\nb: &b [*a, *a]\nmodel:\n  memory_layers: [*b, *b]\n"
+    with pytest.raises(ValueError, match="YAML alias"):
+        model_config_from_yaml(bomb)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]\n", "just a string\n", "model: 3\n"])
+def test_saved_config_must_be_a_mapping(text: str) -> None:
+    with pytest.raises(ValueError, match="mapping"):
+        model_config_from_yaml(text)
