@@ -76,9 +76,11 @@ class DataConfig:
     """Where the training facts come from."""
 
     source: str = "synthetic"
-    """``synthetic`` (a generated world) or ``easyedit`` (an EasyEdit-format file)."""
+    """``synthetic`` (a generated world), ``easyedit`` (an EasyEdit-format file: its
+    true facts) or ``documents`` (any file ``knowedit learn`` reads: text, JSONL of
+    ``{text}`` or ``{prompt, answer}``)."""
     path: str = ""
-    """EasyEdit JSON/JSONL file when ``source=easyedit``."""
+    """The data file when ``source`` is ``easyedit`` or ``documents``."""
     limit: int = 0
     """Use only the first ``limit`` records (0: all)."""
     world: WorldConfig = field(default_factory=WorldConfig)
@@ -130,6 +132,55 @@ class TrainConfig:
     """Checkpoint directory (the CLI's --out; default runs/NAME)."""
 
 
+@dataclass
+class LearnConfig:
+    """One learning run: what ``knowedit learn`` reads (recipes/configs/learn/*.yaml).
+
+    Sparse memory finetuning (Lin et al. 2025): per batch, rank the memory slots
+    the batch reads by ``tf(i) * log((|B| + 1) / (df(i) + 1))`` against the
+    model's background statistics and train only the top-``top_t`` value rows of
+    each pool; everything else stays frozen.
+    """
+
+    method: str = "sparse"
+    """``sparse`` (top-t value rows, recorded in the ledger), or a dense baseline
+    written to ``--out``: ``ft`` (every weight), ``ft-memory`` (every value row)
+    or ``lora`` (rank-r adapters, merged on save)."""
+    top_t: int = 64
+    """sparse: value rows trained per memory pool and batch."""
+    lr: float = 0.0
+    """Step size; 0 takes the method's default (``DEFAULT_LEARN_LR``)."""
+    optimizer: str = "sgd"
+    """Value-row optimizer for sparse and ft-memory: ``sgd`` (plain, as Lin et al.),
+    ``adam`` (torch SparseAdam) or ``adagrad``. ft and lora use AdamW."""
+    epochs: int = 10
+    """Passes over the data."""
+    max_steps: int = -1
+    """Stop after this many batches (-1: all epochs)."""
+    batch_size: int = 32
+    answer_only_loss: bool = True
+    """Score only the answer tokens of a fact (a plain document is scored after its first word)."""
+    background: str = "stats"
+    """sparse: ``stats`` ranks by TF-IDF against the model's slot statistics
+    (``knowedit stats``; built from its corpus when missing); ``none`` by the
+    batch's own access share (tf) alone."""
+    commit_every: int = 0
+    """sparse: steps between ledger commits, each a ``learn`` event (0: one at the end)."""
+    rank: int = 8
+    """lora: adapter rank."""
+    alpha: float = 16.0
+    """lora: the update is scaled by ``alpha / rank``."""
+    seed: int = 0
+    """Seeds the batch order (and the LoRA init)."""
+    threads: int = 0
+    """torch intra-op threads; 0 keeps torch's default."""
+
+
+DEFAULT_LEARN_LR = {"sgd": 5.0, "adam": 1e-2, "adagrad": 0.5, "ft": 3e-4, "lora": 3e-3}
+"""Default step sizes by value optimizer (sparse, ft-memory) or method (ft, lora)."""
+LEARN_METHODS = ("sparse", "ft", "ft-memory", "lora")
+
+
 def _tiny_model() -> ModelConfig:
     return ModelConfig(
         d_model=64,
@@ -175,14 +226,52 @@ def model_preset(name: str) -> ModelConfig:
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Merge dataclass defaults, a YAML recipe and ``KEY=VALUE`` overrides.
+    """A :class:`TrainConfig` from defaults, a YAML recipe and overrides (see :func:`load_config`)."""
+    return load_config(TrainConfig, path, overrides)  # type: ignore[return-value]
+
+
+def load_learn_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LearnConfig:
+    """A :class:`LearnConfig` from defaults, a YAML file and overrides, with its values checked.
+
+    Raises:
+        ValueError: as :func:`load_config`, or a value out of range (named).
+    """
+    cfg: LearnConfig = load_config(LearnConfig, path, overrides)  # type: ignore[assignment]
+    checks = [
+        (cfg.method in LEARN_METHODS, f"method must be one of {', '.join(LEARN_METHODS)}, not {cfg.method!r}"),
+        (cfg.optimizer in ("sgd", "adam", "adagrad"), f"optimizer must be sgd, adam or adagrad, not {cfg.optimizer!r}"),
+        (cfg.background in ("stats", "none"), f"background must be stats or none, not {cfg.background!r}"),
+        (cfg.top_t >= 1, f"top_t must be >= 1, got {cfg.top_t}"),
+        (cfg.lr >= 0, f"lr must be >= 0 (0: the method's default), got {cfg.lr}"),
+        (cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}"),
+        (cfg.max_steps == -1 or cfg.max_steps >= 1, f"max_steps must be -1 or >= 1, got {cfg.max_steps}"),
+        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
+        (cfg.commit_every >= 0, f"commit_every must be >= 0, got {cfg.commit_every}"),
+        (cfg.rank >= 1, f"rank must be >= 1, got {cfg.rank}"),
+        (cfg.threads >= 0, f"threads must be >= 0, got {cfg.threads}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    return cfg
+
+
+def learn_lr(cfg: LearnConfig) -> float:
+    """The step size a run uses: ``cfg.lr``, or the method's default."""
+    if cfg.lr:
+        return cfg.lr
+    return DEFAULT_LEARN_LR[cfg.method if cfg.method in ("ft", "lora") else cfg.optimizer]
+
+
+def load_config(schema: type, path: str | Path | None = None, overrides: list[str] | None = None) -> object:
+    """Merge a config dataclass's defaults, a YAML file and ``KEY=VALUE`` overrides.
 
     Args:
         path: YAML recipe file, or None for defaults only.
         overrides: dotlist such as ``["model.d_model=64", "max_epochs=3"]``.
 
     Returns:
-        The resolved :class:`TrainConfig` (``out`` may still be missing).
+        The resolved ``schema`` instance (a TrainConfig's ``out`` may still be missing).
 
     Raises:
         ValueError: for a recipe that is missing, unreadable, not YAML or not a
@@ -192,7 +281,7 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
     """
     from omegaconf.errors import OmegaConfBaseException
 
-    merged = OmegaConf.structured(TrainConfig)
+    merged = OmegaConf.structured(schema)
     if path is not None:
         merged = _merge(merged, _load_recipe(Path(path)), f"config file {str(path)!r}")
     for item in overrides or []:
