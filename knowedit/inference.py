@@ -10,11 +10,19 @@ import torch
 
 from knowedit.data.records import Example
 from knowedit.model import MemoryLM
-from knowedit.tokenizer import TextCodec
+from knowedit.tokenizer import TextCodec, text_problem
 
 
 class PromptError(ValueError):
-    """A prompt or answer the model cannot take (empty, too long, no tokens)."""
+    """A prompt or answer the model cannot take (empty, not valid text, too long, no tokens)."""
+
+
+def check_prompt_text(text: str, what: str = "prompt") -> None:
+    """Raise :class:`PromptError` if ``text`` holds surrogates (invalid UTF-8 from argv, or a
+    JSON ``"\\ud800"``), which the tokenizer cannot take."""
+    problem = text_problem(text)
+    if problem is not None:
+        raise PromptError(f"the {what} is not valid text: {problem}")
 
 
 @dataclass
@@ -41,12 +49,14 @@ def encode_pair(codec: TextCodec, prompt: str, answer: str, max_len: int, eos: b
     """Token ids of a prompt and its answer, checked against the context length.
 
     Raises:
-        PromptError: empty prompt/answer, an answer with no tokens, or too long.
+        PromptError: empty prompt/answer, not valid text, an answer with no tokens, or too long.
     """
     if not prompt or not prompt.strip():
         raise PromptError("the prompt is empty")
     if not answer or not answer.strip():
         raise PromptError("the target is empty")
+    check_prompt_text(prompt, "prompt")
+    check_prompt_text(answer, "target")
     p = codec.encode_prompt(prompt)
     a = codec.encode_answer(answer, eos=eos)
     if len(a) - int(eos) == 0:
@@ -118,6 +128,7 @@ def greedy(model: MemoryLM, codec: TextCodec, prompts: Sequence[str], max_new_to
     for p in prompts:
         if not p or not p.strip():
             raise PromptError("the prompt is empty")
+        check_prompt_text(p, "prompt")
         ids = codec.encode_prompt(p)
         if len(ids) >= model.cfg.max_seq_len:
             raise PromptError(f"the prompt is {len(ids)} tokens; the model's context is {model.cfg.max_seq_len}")

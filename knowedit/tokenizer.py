@@ -16,6 +16,41 @@ PAD = "<pad>"
 EOS = "<eos>"
 
 
+def text_problem(text: str) -> str | None:
+    """Why ``text`` is not valid Unicode text, or None if it is.
+
+    A Python str may hold surrogate code points that no UTF-8 text can: JSON's
+    ``"\\ud800"`` gives a lone surrogate, and invalid UTF-8 bytes in argv arrive
+    surrogate-escaped (byte 0xff as U+DCFF). ``tokenizers`` refuses both with a
+    bare TypeError, so callers check first and name the field.
+
+    Returns:
+        e.g. ``"lone surrogate U+D800 at position 3"`` or ``"invalid UTF-8 byte
+        0xff at position 3"`` (positions count characters from 0).
+    """
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as err:
+        pos = err.start
+    code = ord(text[pos])
+    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape: an undecodable byte
+        return f"invalid UTF-8 byte 0x{code - 0xDC00:02x} at position {pos}"
+    return f"lone surrogate U+{code:04X} at position {pos}"
+
+
+def check_text(text: str, what: str = "text") -> str:
+    """``text`` itself if it is valid Unicode text.
+
+    Raises:
+        ValueError: ``"{what} is not valid text: lone surrogate U+D800 at position 3"``.
+    """
+    problem = text_problem(text)
+    if problem is not None:
+        raise ValueError(f"{what} is not valid text: {problem}")
+    return text
+
+
 class TextCodec:
     """Wraps a ``tokenizers.Tokenizer`` with the prompt/answer conventions of knowedit.
 
@@ -58,10 +93,12 @@ class TextCodec:
         return self.tok.get_vocab_size()
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        return self.tok.encode(prompt.strip(), add_special_tokens=False).ids
+        """Token ids of a prompt (stripped). ValueError if it is not valid text."""
+        return self.tok.encode(check_text(prompt, "the prompt").strip(), add_special_tokens=False).ids
 
     def encode_answer(self, answer: str, eos: bool = True) -> list[int]:
-        ids = self.tok.encode(" " + answer.strip(), add_special_tokens=False).ids
+        """Token ids of `` answer`` (+ eos). ValueError if it is not valid text."""
+        ids = self.tok.encode(" " + check_text(answer, "the target").strip(), add_special_tokens=False).ids
         return ids + [self.eos_id] if eos else ids
 
     def decode(self, ids: Iterable[int]) -> str:

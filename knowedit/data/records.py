@@ -12,6 +12,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from knowedit.tokenizer import text_problem
+
 
 class RecordError(ValueError):
     """A malformed edit request or records file."""
@@ -52,6 +54,13 @@ def _as_list(value: object, name: str, where: str) -> list[str]:
     raise RecordError(f"{where}: field {name!r} must be a string or a list of strings")
 
 
+def _check_text(value: str, name: str, where: str) -> None:
+    """Refuse surrogates (a JSON ``"\\ud800"``): no tokenizer can encode them."""
+    problem = text_problem(value)
+    if problem is not None:
+        raise RecordError(f"{where}: field {name!r} is not valid text: {problem}")
+
+
 def request_from_dict(raw: Mapping, where: str = "record") -> EditRequest:
     """Validate one EasyEdit-format dict into an :class:`EditRequest`.
 
@@ -68,23 +77,32 @@ def request_from_dict(raw: Mapping, where: str = "record") -> EditRequest:
     for name in ("subject", "ground_truth"):
         if raw.get(name) is not None and not isinstance(raw[name], str):
             raise RecordError(f"{where}: field {name!r} must be a string")
+    for name in ("prompt", "target_new", "subject", "ground_truth"):
+        if raw.get(name) is not None:
+            _check_text(raw[name], name, where)
     subject = raw.get("subject")
     if subject and subject not in raw["prompt"]:
         raise RecordError(f"{where}: subject {subject!r} does not occur in the prompt")
+    rephrase = _as_list(raw.get("rephrase_prompt"), "rephrase_prompt", where)
     loc_p = _as_list(raw.get("locality_prompt"), "locality_prompt", where)
     loc_a = _as_list(raw.get("locality_ground_truth"), "locality_ground_truth", where)
+    for name, values in (("rephrase_prompt", rephrase), ("locality_prompt", loc_p), ("locality_ground_truth", loc_a)):
+        for i, v in enumerate(values):
+            _check_text(v, name if len(values) == 1 else f"{name}[{i}]", where)
     if len(loc_p) != len(loc_a):
         if len(loc_a) == 1:
             loc_a = loc_a * len(loc_p)
         else:
             raise RecordError(f"{where}: locality_prompt and locality_ground_truth differ in length")
     case_id = raw.get("case_id")
+    if isinstance(case_id, str):
+        _check_text(case_id, "case_id", where)
     return EditRequest(
         prompt=raw["prompt"],
         target_new=raw["target_new"],
         subject=subject,
         ground_truth=raw.get("ground_truth"),
-        rephrase_prompt=_as_list(raw.get("rephrase_prompt"), "rephrase_prompt", where),
+        rephrase_prompt=rephrase,
         locality_prompt=loc_p,
         locality_ground_truth=loc_a,
         case_id=None if case_id is None else str(case_id),
