@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from knowedit.checkpoint import STATS_FILE, Checkpoint
+from knowedit.checkpoint import STATS_FILE, Checkpoint, plain_file_mode
 from knowedit.data.records import Example
 from knowedit.stats import SlotStats, compute_slot_stats
 
@@ -44,9 +44,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(temp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)
+        os.chmod(temp, plain_file_mode())
         with open(temp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(temp, path)
