@@ -17,6 +17,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
 from knowedit.checkpoint import save_checkpoint
@@ -62,8 +63,14 @@ class FactDataModule(L.LightningDataModule):
                 raise ValueError("data.source=easyedit needs data.path")
             self.edits = load_records(d.path, limit=d.limit)
             self.train_ex = true_fact_examples(self.edits)
+        elif d.source == "documents":
+            if not d.path:
+                raise ValueError("data.source=documents needs data.path")
+            from knowedit.data.documents import load_learning_data
+
+            self.train_ex = load_learning_data(d.path)[0][: d.limit or None]
         else:
-            raise ValueError(f"unknown data.source {d.source!r} (synthetic or easyedit)")
+            raise ValueError(f"unknown data.source {d.source!r} (synthetic, easyedit or documents)")
         self.codec = TextCodec.train(corpus_texts(self.train_ex), vocab_size=d.vocab_size)
 
     def train_dataloader(self) -> DataLoader:
@@ -152,12 +159,54 @@ def _logger(cfg: TrainConfig, out: Path):  # noqa: ANN202
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
     """Train per ``cfg`` and write the checkpoint directory ``cfg.out``.
 
+    Runs repeat on CPU for a given ``cfg.seed`` and ``cfg.threads``: every random
+    generator is seeded, and torch uses ``cfg.threads`` intra-op threads (0: its
+    default, which depends on the machine) until training ends.
+
     Returns:
-        The training report: accuracies, wall time, sizes.
+        The training report: accuracies, wall time, the thread count, sizes.
+
+    Raises:
+        ValueError: an accelerator this machine lacks (naming the usable ones),
+            a negative thread count, or a setting Lightning refuses; nothing is
+            written then.
     """
     t0 = time.monotonic()
     _quiet_lightning()
+    check_accelerator(cfg.accelerator)  # before anything is written
+    if cfg.threads < 0:
+        raise ValueError(f"threads must be >= 0 (0: torch's default), got {cfg.threads}")
+    prior_threads = torch.get_num_threads()
+    if cfg.threads:
+        # Float reductions split across threads sum in a different order: the same
+        # seed gives the same weights only with the same thread count.
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, progress, t0)
+    finally:
+        torch.set_num_threads(prior_threads)
+
+
+def _train(cfg: TrainConfig, progress: bool, t0: float) -> dict:
     out = Path(cfg.out)
+    try:  # first: a Trainer that cannot be built leaves nothing behind
+        trainer = L.Trainer(
+            max_epochs=cfg.max_epochs,
+            max_steps=cfg.max_steps,
+            accelerator=cfg.accelerator,
+            devices=1,
+            precision=cfg.precision,
+            logger=_logger(cfg, out),
+            enable_checkpointing=False,
+            enable_progress_bar=progress,
+            enable_model_summary=False,
+            log_every_n_steps=10,
+        )
+    except (ImportError, MisconfigurationException) as err:  # what check_accelerator cannot foresee
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"cannot train with accelerator {cfg.accelerator!r} and precision {cfg.precision!r}: {first}"
+        ) from None
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, verbose=False)
     random.seed(cfg.seed)
@@ -166,18 +215,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     model = build_model(cfg.model, seed=cfg.seed)
     eval_sample = dm.train_ex if len(dm.train_ex) <= 4000 else random.Random(cfg.seed).sample(dm.train_ex, 4000)
     module = MemoryLMModule(cfg, model, eval_sample, dm.codec)
-    trainer = L.Trainer(
-        max_epochs=cfg.max_epochs,
-        max_steps=cfg.max_steps,
-        accelerator=cfg.accelerator,
-        devices=1,
-        precision=cfg.precision,
-        logger=_logger(cfg, out),
-        enable_checkpointing=False,
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        log_every_n_steps=10,
-    )
     trainer.fit(module, datamodule=dm)
     model = module.model.cpu().eval()
     train_seconds = time.monotonic() - t0
@@ -195,11 +232,48 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
         "train_seconds": round(train_seconds, 1),
+        "threads": torch.get_num_threads(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "memory_slots": cfg.model.memory.n_keys**2 if cfg.model.memory_layers else 0,
     }
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
     return report
+
+
+def usable_accelerators() -> tuple[list[str], list[str]]:
+    """Lightning's accelerator names, as two lists: usable on this machine, and
+    known but unusable here (``tpu`` without torch_xla, ``cuda`` without a GPU).
+
+    ``auto`` is always usable; ``gpu`` (Lightning's alias) is usable where
+    ``cuda`` or ``mps`` is.
+    """
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    usable, unusable = ["auto"], []
+    for name in sorted(AcceleratorRegistry.available_accelerators()):
+        try:
+            ok = bool(AcceleratorRegistry[name]["accelerator"].is_available())
+        except Exception:  # noqa: BLE001 - a missing optional dependency means "not here"
+            ok = False
+        (usable if ok else unusable).append(name)
+    if "cuda" in usable or "mps" in usable:
+        usable.append("gpu")
+    else:
+        unusable.append("gpu")
+    return usable, sorted(unusable)
+
+
+def check_accelerator(name: str) -> None:
+    """Raise ValueError, naming ``name`` and the valid choices, unless this machine has it.
+
+    Lightning would otherwise fail inside ``Trainer(...)`` with a traceback
+    (``tpu`` without torch_xla: ModuleNotFoundError; ``cuda`` without a GPU).
+    """
+    usable, unusable = usable_accelerators()
+    if name in usable:
+        return
+    what = "is not available on this machine" if name in unusable else "is not a known accelerator"
+    raise ValueError(f"accelerator {name!r} {what}; choose from {', '.join(usable)}")
 
 
 def _quiet_lightning() -> None:
