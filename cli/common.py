@@ -32,8 +32,15 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print ``error: message`` on stderr and return the ``typer.Exit`` to raise.
+
+    The message is shown as it is: brackets in it (``knowedit[postgres]``, a
+    list of names) are text, not Rich markup.
+    """
+    from rich.markup import escape
+
     # soft_wrap: a long path or id stays on one line (copyable), never cut at 80 columns
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

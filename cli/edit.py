@@ -55,6 +55,8 @@ def apply(
         raise fail("--prompt and --target go together")
     if resume and file is None:
         raise fail("--resume goes with --file")
+    if max_steps < 1:
+        raise fail(f"--max-steps must be at least 1, got {max_steps} (with no step nothing would change)")
     opts = {"top_t": top_t, "max_steps": max_steps, "conflict": conflict}
     with Editor.open(model, ledger=ledger, author=author) as ed:
         if file is None:

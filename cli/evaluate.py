@@ -74,7 +74,11 @@ def eval_cmd(
     out: Annotated[Path | None, typer.Option("--out", help="Write the full results as JSON here.")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write the retention-curve PNG into this directory.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, or auto.")] = "cpu",
-    threads: Annotated[int, typer.Option(help="CPU threads for torch (0: its default; 1 is fastest on a busy machine).")] = 0,
+    threads: Annotated[
+        int,
+        typer.Option(help="CPU threads for torch (0: its default, which depends on the machine). Results repeat for a given --seed and thread count."),
+    ] = 0,
+    seed: Annotated[int, typer.Option(help="Seeds Python's, NumPy's and torch's random generators before the run.")] = 0,
     json_out: JsonOpt = False,
 ) -> None:
     """Apply T edits one after another, then score the final model on all T:
@@ -82,6 +86,7 @@ def eval_cmd(
 
     Never writes the model directory or its ledger: the sparse method edits a
     temporary copy with a throwaway ledger; the baselines an in-memory model.
+    On CPU the numbers repeat for a given --seed and --threads.
     """
     from knowedit.baselines import METHODS
     from knowedit.data import load_records
@@ -94,9 +99,9 @@ def eval_cmd(
     import torch
 
     if threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {threads}")
-    if threads:
-        torch.set_num_threads(threads)
+        raise ValueError(f"--threads must be >= 0 (0: torch's default), got {threads}")
+    if seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {seed}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     options = _parse_options(option or [])
@@ -104,15 +109,26 @@ def eval_cmd(
     if not reqs:
         raise ValueError(f"{edits} holds no records")
     total = min(n, len(reqs)) if n is not None else len(reqs)
-    with Progress(
-        TextColumn(f"{method}: editing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, disable=json_out, transient=True,
-    ) as bar:
-        task = bar.add_task("edit", total=total)
-        res = evaluate(model, reqs, n=n, method=method, options=options, device=device,
-                       on_edit=lambda _t, _o: bar.advance(task))
+    prior_threads = torch.get_num_threads()
+    try:
+        # Float sums split across threads add up in another order: the same seed
+        # gives the same numbers only with the same thread count.
+        if threads:
+            torch.set_num_threads(threads)
+        used_threads = torch.get_num_threads()
+        _seed_everything(seed)
+        with Progress(
+            TextColumn(f"{method}: editing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, disable=json_out, transient=True,
+        ) as bar:
+            task = bar.add_task("edit", total=total)
+            res = evaluate(model, reqs, n=n, method=method, options=options, device=device,
+                           on_edit=lambda _t, _o: bar.advance(task))
+    finally:
+        torch.set_num_threads(prior_threads)
     res["edits_file"] = str(edits)
-    res["threads"] = torch.get_num_threads()
+    res["threads"] = used_threads
+    res["seed"] = seed
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=2))
@@ -127,6 +143,18 @@ def eval_cmd(
         console.print(f"results: {out}")
     if plot is not None:
         console.print(f"retention curve: {res['plot']}")
+
+
+def _seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global random generators."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def register(app: typer.Typer) -> None:
