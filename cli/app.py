@@ -16,13 +16,14 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from knowedit.cli import demo, edit, evaluate, ledger, model
+    from knowedit.cli import demo, edit, evaluate, learn, ledger, model
 
     app.add_typer(edit.app, name="edit")
     app.add_typer(ledger.app, name="ledger")
     model.register(app)
     demo.register(app)
     evaluate.register(app)
+    learn.register(app)
 
 
 @app.callback()

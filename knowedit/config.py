@@ -162,8 +162,10 @@ class LearnConfig:
     """Score only the answer tokens of a fact (a plain document is scored after its first word)."""
     background: str = "stats"
     """sparse: ``stats`` ranks by TF-IDF against the model's slot statistics
-    (``knowedit stats``; built from its corpus when missing); ``none`` by the
-    batch's own access share (tf) alone."""
+    (``knowedit stats``; built from its corpus when missing), with ``df`` counting
+    background documents that read a slot anywhere (Lin et al. 2025); ``answer``
+    counts only those that read it where they predict their answer (the reads a
+    change can break); ``none`` ranks by the batch's own access share (tf) alone."""
     commit_every: int = 0
     """sparse: steps between ledger commits, each a ``learn`` event (0: one at the end)."""
     rank: int = 8
@@ -240,7 +242,7 @@ def load_learn_config(path: str | Path | None = None, overrides: list[str] | Non
     checks = [
         (cfg.method in LEARN_METHODS, f"method must be one of {', '.join(LEARN_METHODS)}, not {cfg.method!r}"),
         (cfg.optimizer in ("sgd", "adam", "adagrad"), f"optimizer must be sgd, adam or adagrad, not {cfg.optimizer!r}"),
-        (cfg.background in ("stats", "none"), f"background must be stats or none, not {cfg.background!r}"),
+        (cfg.background in ("stats", "answer", "none"), f"background must be stats, answer or none, not {cfg.background!r}"),
         (cfg.top_t >= 1, f"top_t must be >= 1, got {cfg.top_t}"),
         (cfg.lr >= 0, f"lr must be >= 0 (0: the method's default), got {cfg.lr}"),
         (cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}"),

@@ -9,11 +9,11 @@ from knowedit.ledger import Event
 
 def replay(base: dict[str, torch.Tensor], events: list[Event]) -> dict[str, torch.Tensor]:
     """Base + the ledger, replayed independently of the Editor: after rows of each
-    apply, the apply's before rows for each revert, in seq order."""
+    apply (or learn), the apply's before rows for each revert, in seq order."""
     state = {name: v.clone() for name, v in base.items()}
     applies: dict[str, Event] = {}
     for ev in events:
-        if ev.kind == "apply":
+        if ev.kind in ("apply", "learn"):
             applies[ev.edit_id] = ev
             for r in ev.rows:
                 state[r.pool][r.slot] = r.after
