@@ -10,10 +10,12 @@ import torch
 
 from knowedit.config import (
     DataConfig,
+    LearnConfig,
     MemoryConfig,
     ModelConfig,
     OptimConfig,
     TrainConfig,
+    load_learn_config,
     load_train_config,
     model_config_from_yaml,
     model_preset,
@@ -22,12 +24,21 @@ from knowedit.config import (
 from knowedit.model import build_model
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+LEARN_DIR = CONFIG_DIR / "learn"
 # Walk recursively: a flat listing silently skips configs in sub-folders.
-RECIPES = sorted(CONFIG_DIR.rglob("*.yaml"))
+# learn/ holds `knowedit learn` recipes (LearnConfig); every other one is a TrainConfig.
+LEARN_RECIPES = sorted(LEARN_DIR.rglob("*.yaml"))
+RECIPES = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if LEARN_DIR not in p.parents)
 
 
 def test_recipes_found() -> None:
     assert {"debug", "small", "base"} <= {p.stem for p in RECIPES}
+    assert "sparse" in {p.stem for p in LEARN_RECIPES}
+
+
+@pytest.mark.parametrize("path", LEARN_RECIPES, ids=[str(p.relative_to(CONFIG_DIR)) for p in LEARN_RECIPES])
+def test_every_learn_recipe_loads_into_its_schema(path: Path) -> None:
+    assert isinstance(load_learn_config(str(path)), LearnConfig)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(CONFIG_DIR)) for p in RECIPES])
