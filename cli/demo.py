@@ -1,7 +1,9 @@
 """``knowedit demo``: the whole loop on CPU in a few minutes.
 
 Train a small memory LM on a built-in synthetic world, ask it facts, edit one,
-ask again, revert, ask again, and show the ledger.
+ask again, revert, ask again, learn facts about new people by sparse memory
+finetuning, ask them and the old facts, revert the learning run, and show the
+ledger.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def demo(
     fresh: Annotated[bool, typer.Option("--fresh/--reuse", help="Retrain even if OUT holds a demo model.")] = True,
     json_out: JsonOpt = False,
 ) -> None:
-    """Train a small model, ask, edit a fact, ask again, revert, ask, show the ledger."""
+    """Train a small model, ask, edit a fact, ask again, revert, learn new facts, revert, show the ledger."""
     from knowedit.checkpoint import MODEL_FILE, file_sha256
     from knowedit.cli.model import config_path
     from knowedit.config import load_train_config
@@ -95,7 +97,9 @@ def demo(
         result["verify_problems"] = problems
         say(f"   memory values bit-identical to the base: [bold]{identical}[/]; ledger verify: "
             f"{'ok' if not problems else problems}")
-    say(Panel("6. The ledger", style="cyan"))
+    world = load_train_config(str(config_path(recipe)), []).data.world
+    result["learn"] = _learn_step(out, world, held[:400], say, json_out)
+    say(Panel("8. The ledger", style="cyan"))
     if not json_out:
         from knowedit.cli.ledger import list_
 
@@ -105,6 +109,59 @@ def demo(
     say(f"demo finished in {result['seconds']:.0f} s; try: knowedit ask --model {out} \"{req.prompt}\"")
     if json_out:
         emit_json(result)
+
+
+def _learn_step(out: Path, world_cfg: object, held: list, say: object, json_out: bool) -> dict:
+    """6-7: learn facts about three new people by sparse memory finetuning, ask them
+    and the old facts, then revert the learning run bit for bit."""
+    from dataclasses import replace
+
+    from knowedit.config import load_learn_config
+    from knowedit.data import make_world, write_jsonl
+    from knowedit.editor import Editor
+    from knowedit.inference import greedy_exact
+    from knowedit.recipes.learn import learn
+
+    known = {f.subject for f in make_world(world_cfg).facts}
+    fresh = [f for f in make_world(replace(world_cfg, entities=6, seed=world_cfg.seed + 7)).facts if f.subject not in known]
+    people = sorted({f.subject for f in fresh})[:3]
+    facts = [f for f in fresh if f.subject in people]
+    rows = [{"prompt": p.format(s=f.subject), "answer": f.object} for f in facts for p in f.train_phrasings]
+    data = out / "new_facts.jsonl"
+    write_jsonl(data, rows)
+    probes = [(p.format(s=f.subject), f.object) for f in facts[:4] for p in f.train_phrasings[:1]]
+    say(Panel(f"6. Learn {len(facts)} new facts about {', '.join(people)} ({len(rows)} sentences) "
+              "by sparse memory finetuning", style="cyan"))
+    from knowedit.data import Example
+
+    with Editor.open(out) as ed:
+        held_before = sum(greedy_exact(ed.model, ed.codec, held)) / len(held)
+        asked_before = [ed.ask(p) for p, _ in probes]
+    cfg = load_learn_config(None, ["epochs=40", "batch_size=8", "lr=30", "top_t=64", "background=answer"])
+    report = learn(out, data, cfg, progress=not json_out, author="demo", note="demo learning run")
+    (event,) = report["events"]
+    with Editor.open(out) as ed:
+        asked_after = [ed.ask(p) for p, _ in probes]
+        held_after = sum(greedy_exact(ed.model, ed.codec, held)) / len(held)
+        learnt = sum(greedy_exact(ed.model, ed.codec, [Example(r["prompt"], r["answer"]) for r in rows])) / len(rows)
+        table = Table(title="new facts, before and after learning", title_justify="left")
+        for col in ("prompt", "true answer", "before", "after"):
+            table.add_column(col)
+        for (p, a), b, c in zip(probes, asked_before, asked_after):
+            table.add_row(p, a, b, f"[bold]{c}[/]")
+        say(table)
+        say(f"   learning run {event}: {report['steps']} steps, {report['rows_changed']} value rows changed in "
+            f"{report['seconds']:.0f} s; {learnt:.0%} of the {len(rows)} new sentences answered right")
+        say(f"   old facts (400 held-out phrasings): {held_before:.1%} right before learning, {held_after:.1%} after")
+        say(Panel(f"7. Revert the learning run {event}", style="cyan"))
+        ed.revert(event, note="demo revert of the learning run")
+        identical = all(torch_equal(ed.pools[p], ed.base[p]) for p in ed.pools)
+        problems = ed.verify()
+        say(f"   memory values bit-identical to the base: [bold]{identical}[/]; ledger verify: "
+            f"{'ok' if not problems else problems}")
+    return {"event": event, "facts": len(facts), "sentences": len(rows), "steps": report["steps"],
+            "rows_changed": report["rows_changed"], "new_accuracy": learnt, "heldout_accuracy_before": held_before,
+            "heldout_accuracy_after": held_after, "bit_identical_after_revert": identical, "verify_problems": problems}
 
 
 def torch_equal(a: object, b: object) -> bool:

@@ -160,7 +160,7 @@ class LearnConfig:
     batch_size: int = 32
     answer_only_loss: bool = True
     """Score only the answer tokens of a fact (a plain document is scored after its first word)."""
-    background: str = "stats"
+    background: str = "answer"
     """sparse: ``stats`` ranks by TF-IDF against the model's slot statistics
     (``knowedit stats``; built from its corpus when missing), with ``df`` counting
     background documents that read a slot anywhere (Lin et al. 2025); ``answer``
@@ -178,7 +178,7 @@ class LearnConfig:
     """torch intra-op threads; 0 keeps torch's default."""
 
 
-DEFAULT_LEARN_LR = {"sgd": 5.0, "adam": 1e-2, "adagrad": 0.5, "ft": 3e-4, "lora": 3e-3}
+DEFAULT_LEARN_LR = {"sgd": 30.0, "adam": 1e-2, "adagrad": 0.5, "ft": 3e-4, "lora": 3e-3}
 """Default step sizes by value optimizer (sparse, ft-memory) or method (ft, lora)."""
 LEARN_METHODS = ("sparse", "ft", "ft-memory", "lora")
 

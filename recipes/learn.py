@@ -243,7 +243,7 @@ def _trainer(cfg: LearnConfig, steps: int, progress: bool, callbacks: list[L.Cal
     _quiet_lightning()
     return L.Trainer(
         max_steps=steps,
-        max_epochs=-1,
+        max_epochs=1,  # the batch plan already spans every epoch
         accelerator="cpu",
         devices=1,
         logger=False,
