@@ -166,6 +166,11 @@ class LearnConfig:
     background documents that read a slot anywhere (Lin et al. 2025); ``answer``
     counts only those that read it where they predict their answer (the reads a
     change can break); ``none`` ranks by the batch's own access share (tf) alone."""
+    positions: str = "answer"
+    """sparse: where the batch's reads are counted for ``tf``: ``answer``, the
+    positions whose next token is scored (where a fact is recalled), or ``all`` its
+    tokens (Lin et al. 2025). On the demo world ``answer`` learnt 97% of 36 new
+    sentences where ``all`` learnt 42%, with the same forgetting."""
     commit_every: int = 0
     """sparse: steps between ledger commits, each a ``learn`` event (0: one at the end)."""
     rank: int = 8
@@ -243,6 +248,7 @@ def load_learn_config(path: str | Path | None = None, overrides: list[str] | Non
         (cfg.method in LEARN_METHODS, f"method must be one of {', '.join(LEARN_METHODS)}, not {cfg.method!r}"),
         (cfg.optimizer in ("sgd", "adam", "adagrad"), f"optimizer must be sgd, adam or adagrad, not {cfg.optimizer!r}"),
         (cfg.background in ("stats", "answer", "none"), f"background must be stats, answer or none, not {cfg.background!r}"),
+        (cfg.positions in ("all", "answer"), f"positions must be all or answer, not {cfg.positions!r}"),
         (cfg.top_t >= 1, f"top_t must be >= 1, got {cfg.top_t}"),
         (cfg.lr >= 0, f"lr must be >= 0 (0: the method's default), got {cfg.lr}"),
         (cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}"),

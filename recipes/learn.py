@@ -183,7 +183,11 @@ class LearnModule(L.LightningModule):
         logits = self.model(batch.ids, trace=trace)
         loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100)
         if trace is not None:
-            self._keep = tfidf_rows(trace, (batch.targets != -100).cpu(), self.cfg.top_t, self.idf, self.n_slots)
+            if self.cfg.positions == "answer":
+                counted = batch.targets != -100
+            else:  # every token of every sequence (not the padding)
+                counted = torch.arange(batch.ids.shape[1], device=batch.ids.device)[None] < (batch.answer_start + batch.answer_len)[:, None]
+            self._keep = tfidf_rows(trace, counted.cpu(), self.cfg.top_t, self.idf, self.n_slots)
         self.losses.append(float(loss.detach()))
         self.log("loss", loss, prog_bar=True, on_step=True)
         return loss
