@@ -24,6 +24,7 @@ def _register() -> None:
     demo.register(app)
     evaluate.register(app)
     learn.register(app)
+    __import__("knowedit.cli.serve", fromlist=["register"]).register(app)
 
 
 @app.callback()
