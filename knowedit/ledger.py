@@ -773,6 +773,8 @@ class Ledger:
                 f"append-only trigger {name} is missing: the ledger's tables can be rewritten"
                 for name in missing_triggers(s.connection())
             )
+            if self.path is not None and s.get_bind().dialect.name == "sqlite":
+                problems.extend(_trailing_bytes(s, self.path))
         return problems
 
     def export_jsonl(self, fp: TextIO) -> int:
@@ -830,6 +832,21 @@ class Ledger:
 
     def __repr__(self) -> str:
         return f"Ledger({self._where!r}, base={self._fingerprint[:12]})"
+
+
+def _trailing_bytes(session: Session, path: Path) -> list[str]:
+    """Bytes appended after the end of a SQLite ledger file (SQLite itself ignores them).
+
+    Under the read transaction the database's size is ``page_count * page_size``;
+    pages still in the WAL make the file shorter than that, never longer, and the
+    ledger never shrinks, so a longer file was appended to from outside.
+    """
+    pages = session.execute(text("PRAGMA page_count")).scalar_one()
+    size = session.execute(text("PRAGMA page_size")).scalar_one()
+    extra = path.stat().st_size - pages * size
+    if extra > 0:
+        return [f"ledger file {path} has {extra} byte(s) after the end of its database: it was appended to"]
+    return []
 
 
 def _fsync_dir(path: Path) -> None:
