@@ -8,6 +8,9 @@ loopback port over a copy of a trained model, then measures with httpx:
   answers them one at a time on its model thread);
 - edit latency: E sequential ``POST /edits`` of the model's ``edits.jsonl``
   records (median, p95, and the server's own ``total_ms``), then revert latency;
+- the library: each ask and edit is also made through an in-process
+  ``Editor`` on a fresh copy, right after the HTTP one (same load; what HTTP
+  and the server add is the difference);
 - the CLI: ``knowedit ask`` and ``knowedit edit apply`` as subprocesses, the
   way a script without the server would do it (process start, imports and
   model load included).
@@ -142,9 +145,13 @@ def main() -> None:
            str(token), "--threads", str(args.threads), "--log-level", "warning"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    t_popen = time.monotonic()
     result: dict[str, object] = {"machine": info, "settings": vars(args) | {"model": str(args.model), "json_out": str(args.json_out)}}
+    lib = Library(args, work, reqs, prompts)  # the same calls in this process, paired with the HTTP ones
     try:
-        result["server_start_s"] = round(wait_ready(url, proc, log), 2)
+        wait_ready(url, proc, log)
+        # process start to ready, while this process loads its own copy of the model too
+        result["server_start_s"] = round(time.monotonic() - t_popen, 2)
         auth = {"Authorization": f"Bearer {token.read_text()}"}
         with httpx.Client(base_url=url, timeout=120.0) as c:
             # Warm-up: the first asks, and the first edit of a process (it builds the background cache).
@@ -154,12 +161,22 @@ def main() -> None:
             if warm.status_code == 200:
                 c.post("/revert", json={"id": warm.json()["id"]}, headers=auth).raise_for_status()
 
-            ask_ms = []
-            for i in range(args.asks):
+            health_ms = []
+            for _ in range(args.asks):
                 t0 = time.perf_counter()
-                c.post("/ask", json={"prompt": prompts[i % len(prompts)]}).raise_for_status()
+                c.get("/health").raise_for_status()
+                health_ms.append((time.perf_counter() - t0) * 1000)
+            result["http_health"] = summary(health_ms)
+
+            ask_ms, lib_ask_ms = [], []
+            for i in range(args.asks):
+                p = prompts[i % len(prompts)]
+                t0 = time.perf_counter()
+                c.post("/ask", json={"prompt": p}).raise_for_status()
                 ask_ms.append((time.perf_counter() - t0) * 1000)
+                lib_ask_ms.append(lib.ask(p))
             result["http_ask"] = summary(ask_ms)
+            result["library_ask"] = summary(lib_ask_ms)
 
             conc_ms: list[float] = []
             lock = threading.Lock()
@@ -182,7 +199,7 @@ def main() -> None:
                 "sequential_asks_per_s": round(1000 / statistics.fmean(ask_ms), 1),
             }
 
-            edit_ms, server_ms, ids, refused = [], [], [], 0
+            edit_ms, server_ms, lib_edit_ms, ids, refused = [], [], [], [], 0
             for r in reqs[: args.edits]:
                 t0 = time.perf_counter()
                 resp = c.post("/edits", json=_body(r), headers=auth)
@@ -194,10 +211,12 @@ def main() -> None:
                     refused += 1  # the edit did not reach its target: refused, nothing written
                 else:
                     resp.raise_for_status()
+                lib_edit_ms.append(lib.edit(r))
             result["http_edit"] = summary(edit_ms) | {
                 "applied": len(ids), "refused": refused,
                 "server_total_ms_median": round(statistics.median(server_ms), 2) if server_ms else None,
             }
+            result["library_edit"] = summary(lib_edit_ms) | {"refused": lib.refused}
             rev_ms = []
             for eid in reversed(ids):
                 t0 = time.perf_counter()
@@ -207,6 +226,7 @@ def main() -> None:
                 result["http_revert"] = summary(rev_ms)
             result["verify"] = c.get("/ledger/verify").json()
     finally:
+        lib.close()
         proc.terminate()
         try:
             proc.wait(timeout=60)
@@ -238,6 +258,48 @@ def main() -> None:
     if args.json_out is not None:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+class Library:
+    """The same asks and edits in this process through :class:`knowedit.Editor` (no HTTP),
+    on a fresh copy of the model: what the server adds is the difference."""
+
+    def __init__(self, args: argparse.Namespace, work: Path, reqs: list, prompts: list[str]) -> None:
+        import torch
+
+        from knowedit.editor import EditError, Editor
+
+        torch.set_num_threads(args.threads)
+        model = work / "library"
+        shutil.copytree(args.model, model, ignore=shutil.ignore_patterns("ledger.db*", "logs", "*.queue"))
+        self.error = EditError
+        self.ed = Editor.open(model)
+        self.refused = 0
+        for p in prompts[:5]:
+            self.ed.ask(p)
+        try:  # the first edit of a process builds the background cache
+            r = reqs[-1]
+            self.ed.revert(self.ed.edit(r.prompt, r.target_new, subject=r.subject).id)
+        except EditError:
+            pass
+
+    def ask(self, prompt: str) -> float:
+        """ms for ``Editor.ask``."""
+        t0 = time.perf_counter()
+        self.ed.ask(prompt)
+        return (time.perf_counter() - t0) * 1000
+
+    def edit(self, r: object) -> float:
+        """ms for ``Editor.edit`` (a refused edit counts too)."""
+        t0 = time.perf_counter()
+        try:
+            self.ed.edit(r.prompt, r.target_new, subject=r.subject)  # type: ignore[attr-defined]
+        except self.error:
+            self.refused += 1
+        return (time.perf_counter() - t0) * 1000
+
+    def close(self) -> None:
+        self.ed.close()
 
 
 def _body(r: object) -> dict[str, object]:
