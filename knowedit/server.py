@@ -299,8 +299,15 @@ class _EditSettings(_Body):
     note: str | None = Field(None, max_length=MAX_TEXT, description="Free text recorded in the ledger.")
     author: str | None = Field(None, min_length=1, max_length=200, description="Recorded in the ledger [server's --author].")
 
+    allow_failed: bool = Field(False, description="Commit an edit even if it does not reach its target.")
+
     def options(self) -> dict[str, object]:
-        return {k: v for k, v in (("top_t", self.top_t), ("max_steps", self.max_steps), ("conflict", self.conflict)) if v is not None}
+        out: dict[str, object] = {
+            k: v for k, v in (("top_t", self.top_t), ("max_steps", self.max_steps), ("conflict", self.conflict)) if v is not None
+        }
+        if self.allow_failed:  # only when asked: the Editor's default refuses such an edit
+            out["allow_failed"] = True
+        return out
 
 
 class EditBody(_EditSettings):
@@ -493,18 +500,23 @@ class Service:
         return record_json(rec)
 
     def edit_batch(self, body: BatchBody) -> list[dict[str, Any]]:
-        from knowedit.editor import BatchError
+        from knowedit.editor import EditError
 
         try:
             recs = self._as_author(
                 body.author,
                 lambda: self.editor.edit_many(body.requests, resume=body.resume, note=body.note, **body.options()),
             )
-        except BatchError as err:
+        except EditError as err:
+            applied = getattr(err, "applied", None)  # a batch that stopped, or ended with failures
+            if applied is None:
+                raise
             cause = err.__cause__ if err.__cause__ is not None else err
-            raise ApiError(
-                error_status(cause) or 409, str(err), applied=[record_json(r) for r in err.applied]
-            ) from err
+            extra: dict[str, Any] = {"applied": [record_json(r) for r in applied]}
+            failed = getattr(err, "failed", None)
+            if failed:
+                extra["failed"] = [{"index": i, "error": str(e)} for i, e in failed]
+            raise ApiError(error_status(cause) or 400, str(err), **extra) from err
         return [record_json(r) for r in recs]
 
     def revert(self, body: RevertBody) -> dict[str, Any]:
