@@ -321,16 +321,24 @@ class EditBody(_EditSettings):
     locality_prompt: str | list[str] | None = None
     locality_ground_truth: str | list[str] | None = None
     case_id: str | int | None = None
+    portability_prompt: str | list[str] | None = None
+    portability_ground_truth: str | list[str] | None = None
 
     def record(self) -> dict[str, object]:
-        keys = ("prompt", "target_new", "subject", "ground_truth", "rephrase_prompt", "locality_prompt", "locality_ground_truth", "case_id")
+        """The EasyEdit record (the library validates it: ``request_from_dict``)."""
+        keys = (
+            "prompt", "target_new", "subject", "ground_truth", "rephrase_prompt", "locality_prompt",
+            "locality_ground_truth", "case_id", "portability_prompt", "portability_ground_truth",
+        )
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 class BatchBody(_EditSettings):
     """``POST /edits/batch``: many edits in order, like ``edit apply --file``."""
 
-    requests: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_BATCH, description="EasyEdit-format records.")
+    requests: list[dict[str, Any]] = Field(
+        min_length=1, max_length=MAX_BATCH, description="Records in any format `edit apply --file` reads (EasyEdit's flat one and the others)."
+    )
     resume: bool = Field(False, description="Skip requests already live (finish a batch that stopped).")
 
 
