@@ -466,6 +466,7 @@ class Service:
         self._live_count = len(self.editor.live_edits())
 
     def close(self) -> None:
+        """Close the probe and the Editor (its ledger connections)."""
         self.probe.close()
         self.editor.close()
 
@@ -476,6 +477,7 @@ class Service:
         return self._live_count
 
     def ask(self, prompt: str, max_new_tokens: int) -> dict[str, Any]:
+        """``POST /ask``: the live model's greedy completion, after other writers' new events."""
         from knowedit.inference import greedy
 
         live = self._synced()
@@ -484,6 +486,7 @@ class Service:
         return {"prompt": prompt, "answer": answer, "live_edits": live}
 
     def generate(self, prompts: list[str], max_new_tokens: int) -> dict[str, Any]:
+        """``POST /generate``: greedy completions of several prompts (batched by length)."""
         from knowedit.inference import greedy
 
         live = self._synced()
@@ -501,6 +504,7 @@ class Service:
             ed.author = saved
 
     def edit(self, body: EditBody) -> dict[str, Any]:
+        """``POST /edits``: one edit through the ledger's write transaction."""
         from knowedit.data.records import request_from_dict
 
         req = request_from_dict(body.record(), "request")
@@ -508,6 +512,7 @@ class Service:
         return record_json(rec)
 
     def edit_batch(self, body: BatchBody) -> list[dict[str, Any]]:
+        """``POST /edits/batch``: ``Editor.edit_many``; a batch that stops names what it applied."""
         from knowedit.editor import EditError
 
         try:
@@ -528,6 +533,7 @@ class Service:
         return [record_json(r) for r in recs]
 
     def revert(self, body: RevertBody) -> dict[str, Any]:
+        """``POST /revert``: ``Editor.revert`` (``id``) or ``Editor.revert_to`` (``to``)."""
         if (body.id is None) == (body.to is None):
             raise ApiError(422, "give an edit id (\"id\") or \"to\", not both")
         ed = self.editor
@@ -541,12 +547,14 @@ class Service:
         return {"reverted": done, "live_edits": ed.live_edits()}
 
     def ledger_list(self) -> list[dict[str, Any]]:
+        """``GET /ledger``: every event, as ``ledger list --json``."""
         ed = self.editor
         events = ed.history()
         live = set(ed.live_edits())
         return [event_summary(e, live) for e in events]
 
     def ledger_show(self, edit_id: str) -> dict[str, Any]:
+        """``GET /ledger/{id}``: one edit, as ``ledger show --json``."""
         ed = self.editor
         ed.refresh()
         led = ed.ledger
@@ -556,6 +564,7 @@ class Service:
         return event_detail(ev, led.is_live(edit_id))
 
     def ledger_verify(self) -> dict[str, Any]:
+        """``GET /ledger/verify``: the chain and the replay checked, as ``ledger verify --json``."""
         from knowedit.ledger import LedgerError
 
         ed = self.editor
