@@ -45,8 +45,7 @@ def learn(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Learn new knowledge: train only the value rows the new data reads far more than the
-    background does (sparse memory finetuning), committed to the ledger and revertible."""
+    """Learn new knowledge by sparse memory finetuning: a revertible ledger event."""
     from knowedit.config import load_learn_config
     from knowedit.recipes.learn import learn as run_learn
 
