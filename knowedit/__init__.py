@@ -7,39 +7,57 @@ Quick start::
     rec = ed.edit("The mother tongue of Danielle Darrieux is", "English", subject="Danielle Darrieux")
     ed.ask("The mother tongue of Danielle Darrieux is")
     ed.revert(rec.id)
+
+Evaluation (EasyEdit's metrics, sequential edits)::
+
+    from knowedit import evaluate
+    res = evaluate.evaluate("runs/small", "edits.jsonl", n=100)
+
+Every name is imported when first used, so ``import knowedit`` (and the
+``knowedit`` command's start-up) loads neither torch nor the editor's
+dependencies.
 """
 
-from knowedit.config import MemoryConfig, ModelConfig, TrainConfig, load_train_config, model_preset
-from knowedit.memory import ProductKeyMemory, ValuePool, usage_metrics
-from knowedit.model import MemoryLM, build_model
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "EditOptions",
-    "EditRecord",
-    "Editor",
-    "MemoryConfig",
-    "MemoryLM",
-    "ModelConfig",
-    "ProductKeyMemory",
-    "TrainConfig",
-    "ValuePool",
-    "build_model",
-    "load_train_config",
-    "model_preset",
-    "usage_metrics",
-]
+#: public name -> module that defines it
+_LAZY = {
+    "BatchError": "knowedit.editor",
+    "BatchFailed": "knowedit.editor",
+    "EditError": "knowedit.editor",
+    "EditFailed": "knowedit.editor",
+    "EditRecord": "knowedit.editor",
+    "Editor": "knowedit.editor",
+    "EditOptions": "knowedit.edit_options",
+    "EditRequest": "knowedit.data.records",
+    "MemoryConfig": "knowedit.config",
+    "ModelConfig": "knowedit.config",
+    "TrainConfig": "knowedit.config",
+    "load_train_config": "knowedit.config",
+    "model_preset": "knowedit.config",
+    "ProductKeyMemory": "knowedit.memory",
+    "ValuePool": "knowedit.memory",
+    "usage_metrics": "knowedit.memory",
+    "MemoryLM": "knowedit.model",
+    "build_model": "knowedit.model",
+}
+
+__all__ = sorted([*_LAZY, "evaluate"])
 
 
-def __getattr__(name: str) -> object:
-    # The editor pulls in FAISS and SQLAlchemy; import it only when asked for.
-    if name in ("Editor", "EditRecord", "EditError"):
-        from knowedit import editor
+def __getattr__(name: str) -> Any:
+    if name == "evaluate":
+        return importlib.import_module("knowedit.evaluate")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'knowedit' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
 
-        return getattr(editor, name)
-    if name == "EditOptions":
-        from knowedit.update import EditOptions
 
-        return EditOptions
-    raise AttributeError(f"module 'knowedit' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
