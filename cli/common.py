@@ -20,7 +20,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
 ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="Checkpoint directory (from `knowedit train`).")]
 LedgerOpt = Annotated[
-    str | None, typer.Option("--ledger", help="Ledger path or SQLAlchemy URL [default: MODEL/ledger.db].")
+    str | None, typer.Option("--ledger", help="Ledger path or SQLAlchemy URL.", show_default="MODEL/ledger.db")
 ]
 
 
@@ -64,6 +64,12 @@ def friendly(fn: F) -> F:
             raise
 
     return wrapper  # type: ignore[return-value]
+
+
+def add_id_column(table: Any, ids: list[str], name: str = "id") -> None:
+    """An id column that is never cut: as wide as the longest id (the other
+    columns wrap first), folded onto a second line only if the terminal is narrower."""
+    table.add_column(name, no_wrap=True, overflow="fold", min_width=max((len(i) for i in ids), default=len(name)))
 
 
 def emit_json(obj: Any) -> None:

@@ -10,7 +10,16 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from knowedit.cli.common import JsonOpt, LedgerOpt, ModelOpt, console, emit_json, fail, friendly
+from knowedit.cli.common import (
+    JsonOpt,
+    LedgerOpt,
+    ModelOpt,
+    add_id_column,
+    console,
+    emit_json,
+    fail,
+    friendly,
+)
 
 app = typer.Typer(help="Inspect, verify and export the edit ledger.", no_args_is_help=True)
 
@@ -18,8 +27,7 @@ app = typer.Typer(help="Inspect, verify and export the edit ledger.", no_args_is
 def open_existing_ledger(model: Path, ledger: str | None):  # noqa: ANN202
     """The ledger, checked against the model's base fingerprint, without creating one:
     a missing ledger (a mistyped --ledger too) is a one-line error."""
-    from knowedit.checkpoint import MODEL_FILE, model_fingerprint
-    from knowedit.editor import LEDGER_FILE
+    from knowedit.checkpoint import LEDGER_FILE, MODEL_FILE, model_fingerprint
     from knowedit.ledger import Ledger, LedgerMissing, is_in_memory
 
     if ledger is not None and is_in_memory(ledger):
@@ -58,7 +66,11 @@ def list_(model: ModelOpt, ledger: LedgerOpt = None, json_out: JsonOpt = False) 
         emit_json(rows)
         return
     table = Table(title=f"ledger: {len(rows)} event(s), {len(live)} live edit(s)")
-    for col in ("seq", "kind", "id", "when", "prompt", "target", "slots", "live"):
+    table.add_column("seq")
+    table.add_column("kind")
+    add_id_column(table, [r["id"] for r in rows])
+    table.add_column("when")
+    for col in ("prompt", "target", "slots", "live"):
         table.add_column(col)
     for r in rows:
         table.add_row(
@@ -133,7 +145,7 @@ def verify(model: ModelOpt, ledger: LedgerOpt = None, json_out: JsonOpt = False)
 def export(
     model: ModelOpt,
     ledger: LedgerOpt = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write JSONL here [default: stdout].")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write JSONL here.", show_default="stdout")] = None,
 ) -> None:
     """Export every event as JSONL (rows as base64 bytes with dtype and shape)."""
     led = open_existing_ledger(model, ledger)

@@ -9,10 +9,13 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
+from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from knowedit.config import ModelConfig, model_config_from_yaml, to_yaml
 from knowedit.model import MemoryLM
@@ -22,6 +25,8 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.json"
 STATS_FILE = "slot_stats.safetensors"
+LEDGER_FILE = "ledger.db"
+"""The default ledger of a checkpoint directory (created by its first edit)."""
 
 
 class CheckpointError(ValueError):
@@ -183,6 +188,28 @@ def _file_shapes(path: Path) -> dict[str, list[int]]:
         raise CheckpointError(f"{path} is not a readable model: {err}") from None
 
 
+class _SkipInit(TorchFunctionMode):
+    """``torch.nn.init`` functions do nothing to a meta tensor (shapes only).
+
+    Initialising on the meta device goes through torch's Python reference
+    implementations, whose first use imports ``torch._dynamo`` (seconds of start-up
+    for ``knowedit ask``); the values are thrown away anyway. Thread-local, like
+    every torch function mode.
+    """
+
+    _INITS = frozenset(
+        getattr(nn.init, n) for n in dir(nn.init) if n.endswith("_") and not n.startswith("_") and callable(getattr(nn.init, n))
+    )
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in self._INITS:
+            t = args[0] if args else kwargs.get("tensor")
+            if isinstance(t, torch.Tensor) and t.is_meta:
+                return t
+        return func(*args, **kwargs)
+
+
 def _check_shapes(p: Path, cfg: ModelConfig) -> int:
     """Compare the parameters ``cfg`` implies with the tensors in the file, before allocating.
 
@@ -197,7 +224,7 @@ def _check_shapes(p: Path, cfg: ModelConfig) -> int:
         CheckpointError: the config cannot build a model, or names or shapes differ.
     """
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _SkipInit():
             meta = MemoryLM(cfg)
     except (ValueError, RuntimeError, TypeError, OverflowError) as err:
         detail = " ".join(str(err).split()) or type(err).__name__

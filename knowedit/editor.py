@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from knowedit.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from knowedit.checkpoint import LEDGER_FILE, Checkpoint, load_checkpoint, save_checkpoint
 from knowedit.data.records import EditRequest, Example, requests_from
 from knowedit.inference import PromptError, encode_examples, encode_pair, greedy, teacher_forced
 from knowedit.ledger import (
@@ -46,13 +46,41 @@ from knowedit.update import (
     uses_final_pool_only,
 )
 
-LEDGER_FILE = "ledger.db"
+PROVENANCE_FILE = "provenance.json"
+"""Where an exported checkpoint (:meth:`Editor.save`) came from."""
 WAIT_ENV = "KNOWEDIT_LEDGER_WAIT_S"
 """Seconds a writer waits for its turn at the ledger (default 60)."""
 
 
 class EditError(ValueError):
     """An edit or revert that cannot be done; nothing was changed."""
+
+
+class EditFailed(EditError):
+    """An edit whose optimisation ended without reaching its target; nothing was written.
+
+    Attributes:
+        request: the edit request.
+        metrics: what the attempt measured (``prob_after``, ``steps``, ...).
+    """
+
+    def __init__(self, message: str, request: EditRequest, metrics: dict) -> None:
+        super().__init__(message)
+        self.request = request
+        self.metrics = metrics
+
+
+class BatchFailed(EditError):
+    """A batch ran to its end but some edits did not reach their targets.
+
+    ``applied`` edits are committed; the ``failed`` ones (``(index, error)``
+    pairs, index into the batch) wrote nothing.
+    """
+
+    def __init__(self, message: str, applied: list[EditRecord], failed: list[tuple[int, EditFailed]]) -> None:
+        super().__init__(message)
+        self.applied = applied
+        self.failed = failed
 
 
 class BatchError(EditError):
@@ -95,6 +123,16 @@ class EditRecord:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class _Attempt:
+    """One computed (not yet committed) edit: its rows, metrics and conflicts."""
+
+    rows: list[RowChange]
+    metrics: dict
+    conflicts: list[dict]
+    compute_ms: float
 
 
 class Editor:
@@ -338,14 +376,20 @@ class Editor:
 
     def _options(self, options: Mapping[str, object]) -> EditOptions:
         try:
-            return EditOptions.from_mapping(options)
+            opts = EditOptions.from_mapping(options)
         except ValueError as err:
             raise EditError(str(err)) from None
+        if opts.max_steps < 1:
+            raise EditError(f"max_steps must be at least 1, got {opts.max_steps} (with no step nothing would change)")
+        return opts
 
     def _check(self, req: EditRequest) -> None:
         encode_pair(self.codec, req.prompt, req.target_new, self.model.cfg.max_seq_len)
 
-    def edit(self, prompt: str, target_new: str, subject: str | None = None, *, note: str | None = None, **options: object) -> EditRecord:
+    def edit(
+        self, prompt: str, target_new: str, subject: str | None = None, *, note: str | None = None,
+        allow_failed: bool = False, **options: object,
+    ) -> EditRecord:
         """Make ``prompt`` answer ``target_new`` by updating a few value rows.
 
         Args:
@@ -353,83 +397,52 @@ class Editor:
             target_new: the new answer.
             subject: the subject as written in the prompt (improves locating).
             note: free text stored in the ledger.
-            **options: :class:`knowedit.update.EditOptions` fields.
+            allow_failed: commit the edit even when the optimisation ends without
+                reaching the target (its metrics say ``success: false``).
+            **options: :class:`knowedit.update.EditOptions` fields (``max_steps`` at least 1).
 
         Returns:
             The :class:`EditRecord` (id, slots, metrics, conflicts).
 
         Raises:
+            EditFailed: the target was not reached (and ``allow_failed`` is False);
+                nothing is written, not even a new ledger.
             PromptError, EditError: bad input; nothing is changed.
         """
-        return self.apply(EditRequest(prompt=prompt, target_new=target_new, subject=subject), note=note, **options)
+        req = EditRequest(prompt=prompt, target_new=target_new, subject=subject)
+        return self.apply(req, note=note, allow_failed=allow_failed, **options)
 
-    def apply(self, req: EditRequest, note: str | None = None, **options: object) -> EditRecord:
-        """Apply one :class:`EditRequest` (see :meth:`edit`)."""
+    def apply(
+        self, req: EditRequest, note: str | None = None, *, allow_failed: bool = False, **options: object
+    ) -> EditRecord:
+        """Apply one :class:`EditRequest` (see :meth:`edit`).
+
+        An edit that does not reach its target raises :class:`EditFailed` inside the
+        ledger transaction, so nothing is appended; ``allow_failed=True`` commits it
+        anyway (the evaluation harness does, to count it in reliability).
+        """
         opts = self._options(options)
         if req.subject is not None and req.subject not in req.prompt:
             raise EditError(f"subject {req.subject!r} does not occur in the prompt")
         self._check(req)
+        pre: _Attempt | None = None
+        if self._reader_ledger() is None:
+            # No ledger yet: compute first, so that a failed edit does not create one.
+            pre = self._attempt(req, opts)
+            if not allow_failed:
+                self._require_success(req, pre, opts)
         with self._writable_ledger().transaction() as txn:
             t_start = time.perf_counter()
-            self._sync(txn.events(after_seq=self._seq))
-            t0 = time.perf_counter()
-            examples = [Example(req.prompt.strip(), req.target_new.strip()), *self._cophrases(req, opts)]
-            ranked = self._locate_all(examples, req.subject, opts)
-            # A live edit of the same prompt is being replaced: its slots are not in the way.
-            same = self._same_prompt_edits(req.prompt)
-            owned = {pool: {slot: eid for slot, eid in m.items() if eid not in same} for pool, m in self._owned().items()}
-            clash: dict[str, list[tuple[str, int]]] = {}
-            for sc in ranked[: opts.top_t]:
-                eid = owned.get(sc.pool, {}).get(sc.slot)
-                if eid is not None:
-                    clash.setdefault(eid, []).append((sc.pool, sc.slot))
-            if opts.conflict == "avoid" and clash:
-                ranked = [sc for sc in ranked if sc.slot not in owned.get(sc.pool, {})]
-            if not ranked:
-                raise EditError(
-                    f"no slot left to edit for {req.prompt!r}: every candidate slot belongs to a live edit "
-                    "(conflict=avoid); use conflict=joint, or revert those edits"
-                )
-            chosen = slots_by_pool(ranked[: opts.top_t])
-            final_only = opts.layers == "last" and uses_final_pool_only(self.model, set(chosen))
-            if final_only:
-                pool, ids = next(iter(chosen.items()))
-                guards = self._final_guards(pool, ids, {e.prompt for e in examples})
-                res = final_layer_rows(self.model, self.codec, examples, ids, guards, opts)
-                n_guard = guards.x_mid.shape[0]
-            else:
-                guards = self._guards(req, chosen, set(clash), opts.guard_facts)
-                res = optimise_rows(self.model, self.codec, examples[0], chosen, guards, opts)
-                n_guard = len(guards)
-            compute_ms = (time.perf_counter() - t0) * 1000
-            rows = [
-                RowChange(pool, int(slot), self.pools[pool][slot].detach().cpu().clone(), res.rows[pool][i].cpu().clone())
-                for pool, ids in chosen.items()
-                for i, slot in enumerate(ids.tolist())
-            ]
-            rows = [r for r in rows if not torch.equal(r.before, r.after)]
-            resolution = "avoided" if opts.conflict == "avoid" else "joint, guarded"
-            conflicts = [{"edit": eid, "slots": [list(x) for x in sl], "resolution": resolution} for eid, sl in clash.items()]
-            metrics = {
-                "prob_before": round(res.prob_before, 6),
-                "prob_after": round(res.prob_after, 6),
-                "steps": res.steps,
-                "success": res.success,
-                "slots_touched": len(rows),
-                "constraint": opts.constraint if final_only else "kl-guard",
-                "guard_flips": res.guard_flips,
-                "scale": res.scale,
-                "guards": n_guard,
-                "free_dims": res.free_dims,
-                "guard_kl": round(res.guard_kl, 6),
-                "cophrases": [e.prompt for e in examples[1:]],
-                "cophrases_passed": res.edits_passed - int(res.success),
-                "compute_ms": round(compute_ms, 2),
-                "conflicts": conflicts,
-            }
+            fresh = txn.events(after_seq=self._seq)
+            self._sync(fresh)
+            att = pre if pre is not None and not fresh else self._attempt(req, opts)
+            if att is pre:  # computed before the transaction: its time counts as compute
+                t_start -= att.compute_ms / 1000
+            if not allow_failed:
+                self._require_success(req, att, opts)  # raised inside: nothing is appended
             ev = txn.append_apply(
-                request=req.to_dict(), method="sparse", settings=opts.to_dict(), metrics=metrics,
-                rows=rows, author=self.author, note=note,
+                request=req.to_dict(), method="sparse", settings=opts.to_dict(), metrics=att.metrics,
+                rows=att.rows, author=self.author, note=note,
             )
         # Committed: only now does the live model change.
         self._write(ev.rows, "after")
@@ -437,10 +450,83 @@ class Editor:
         self._live[ev.edit_id] = ev
         self._seq = ev.seq
         total_ms = (time.perf_counter() - t_start) * 1000
-        # Everything inside the transaction but locate+optimise is ledger work:
-        # the lock, syncing, encoding rows, the insert and the durable commit.
-        out = dict(metrics, total_ms=round(total_ms, 2), ledger_ms=round(total_ms - compute_ms, 2))
-        return EditRecord(ev.edit_id, req.prompt, req.target_new, req.subject, [(r.pool, r.slot) for r in ev.rows], out, conflicts, ev.seq)
+        # Everything but locate+optimise is ledger work: the lock, syncing,
+        # encoding rows, the insert and the durable commit.
+        out = dict(att.metrics, total_ms=round(total_ms, 2), ledger_ms=round(total_ms - att.compute_ms, 2))
+        return EditRecord(ev.edit_id, req.prompt, req.target_new, req.subject, [(r.pool, r.slot) for r in ev.rows], out, att.conflicts, ev.seq)
+
+    @staticmethod
+    def _require_success(req: EditRequest, att: _Attempt, opts: EditOptions) -> None:
+        m = att.metrics
+        if m["success"]:
+            return
+        raise EditFailed(
+            f"edit not applied: {req.prompt!r} -> {req.target_new!r} did not reach its target "
+            f"(probability {m['prob_after']:.4f} after {m['steps']} step(s); success needs every target "
+            f"token to be the argmax with probability >= {opts.min_prob} and the guards kept). Nothing was "
+            "written. Give it more steps (max_steps, --max-steps) or keep it anyway (allow_failed=True, --allow-failed)",
+            req,
+            dict(m),
+        )
+
+    def _attempt(self, req: EditRequest, opts: EditOptions) -> _Attempt:
+        """Locate the slots and optimise their rows against the live model (changes nothing)."""
+        t0 = time.perf_counter()
+        examples = [Example(req.prompt.strip(), req.target_new.strip()), *self._cophrases(req, opts)]
+        ranked = self._locate_all(examples, req.subject, opts)
+        # A live edit of the same prompt is being replaced: its slots are not in the way.
+        same = self._same_prompt_edits(req.prompt)
+        owned = {pool: {slot: eid for slot, eid in m.items() if eid not in same} for pool, m in self._owned().items()}
+        clash: dict[str, list[tuple[str, int]]] = {}
+        for sc in ranked[: opts.top_t]:
+            eid = owned.get(sc.pool, {}).get(sc.slot)
+            if eid is not None:
+                clash.setdefault(eid, []).append((sc.pool, sc.slot))
+        if opts.conflict == "avoid" and clash:
+            ranked = [sc for sc in ranked if sc.slot not in owned.get(sc.pool, {})]
+        if not ranked:
+            raise EditError(
+                f"no slot left to edit for {req.prompt!r}: every candidate slot belongs to a live edit "
+                "(conflict=avoid); use conflict=joint, or revert those edits"
+            )
+        chosen = slots_by_pool(ranked[: opts.top_t])
+        final_only = opts.layers == "last" and uses_final_pool_only(self.model, set(chosen))
+        if final_only:
+            pool, ids = next(iter(chosen.items()))
+            guards = self._final_guards(pool, ids, {e.prompt for e in examples})
+            res = final_layer_rows(self.model, self.codec, examples, ids, guards, opts)
+            n_guard = guards.x_mid.shape[0]
+        else:
+            guards = self._guards(req, chosen, set(clash), opts.guard_facts)
+            res = optimise_rows(self.model, self.codec, examples[0], chosen, guards, opts)
+            n_guard = len(guards)
+        compute_ms = (time.perf_counter() - t0) * 1000
+        rows = [
+            RowChange(pool, int(slot), self.pools[pool][slot].detach().cpu().clone(), res.rows[pool][i].cpu().clone())
+            for pool, ids in chosen.items()
+            for i, slot in enumerate(ids.tolist())
+        ]
+        rows = [r for r in rows if not torch.equal(r.before, r.after)]
+        resolution = "avoided" if opts.conflict == "avoid" else "joint, guarded"
+        conflicts = [{"edit": eid, "slots": [list(x) for x in sl], "resolution": resolution} for eid, sl in clash.items()]
+        metrics = {
+            "prob_before": round(res.prob_before, 6),
+            "prob_after": round(res.prob_after, 6),
+            "steps": res.steps,
+            "success": res.success,
+            "slots_touched": len(rows),
+            "constraint": opts.constraint if final_only else "kl-guard",
+            "guard_flips": res.guard_flips,
+            "scale": res.scale,
+            "guards": n_guard,
+            "free_dims": res.free_dims,
+            "guard_kl": round(res.guard_kl, 6),
+            "cophrases": [e.prompt for e in examples[1:]],
+            "cophrases_passed": res.edits_passed - int(res.success),
+            "compute_ms": round(compute_ms, 2),
+            "conflicts": conflicts,
+        }
+        return _Attempt(rows, metrics, conflicts, compute_ms)
 
     def _cophrases(self, req: EditRequest, opts: EditOptions) -> list[Example]:
         """Other phrasings of the same fact in the background corpus: documents
@@ -572,26 +658,37 @@ class Editor:
         *,
         resume: bool = False,
         note: str | None = None,
+        allow_failed: bool = False,
+        on_fail: Callable[[int, EditFailed], None] | None = None,
         **options: object,
     ) -> list[EditRecord]:
         """Apply EasyEdit-format requests (dicts, :class:`EditRequest` or a JSON/JSONL path) in order.
 
         Every request is validated before the first edit, so a malformed file changes nothing.
+        A request whose edit does not reach its target (:class:`EditFailed`) writes
+        nothing; the batch goes on with the rest and raises :class:`BatchFailed`
+        at the end, naming every failed request (unless ``allow_failed``).
 
         Args:
             requests: the requests.
             on_edit: called after each applied edit.
             resume: skip requests that are already live in the ledger (same prompt,
-                target and subject): finishes a batch that stopped midway.
+                target and subject): finishes a batch that stopped midway, and
+                retries the requests that failed.
             note: free text stored with every edit.
+            allow_failed: commit edits that do not reach their targets too.
+            on_fail: called with (index, error) for each request that failed.
             **options: :class:`knowedit.update.EditOptions` fields.
 
         Returns:
             The applied edits, in order (skipped requests have none).
 
         Raises:
-            BatchError: an edit failed (e.g. the writer waited too long for the
-                ledger): it names the edits applied before it and how many are left.
+            BatchFailed: the batch ran to its end but some edits did not reach
+                their targets (they wrote nothing; the others are committed).
+            BatchError: an edit could not be attempted (e.g. the writer waited
+                too long for the ledger): it names the edits applied before it
+                and how many are left; the rest of the batch is not attempted.
         """
         reqs = requests_from(requests)
         self._options(options)
@@ -602,17 +699,24 @@ class Editor:
                 raise EditError(f"request {i}: {err}") from None
         live = self.live_requests() if resume else set()
         out: list[EditRecord] = []
+        failed: list[tuple[int, EditFailed]] = []
         for i, r in enumerate(reqs):
             if _request_key(r) in live:
                 continue
             try:
-                rec = self.apply(r, note=note, **options)
+                rec = self.apply(r, note=note, allow_failed=allow_failed, **options)
+            except EditFailed as err:
+                failed.append((i, err))
+                if on_fail:
+                    on_fail(i, err)
+                continue
             except (EditError, LedgerError) as err:
                 done = ", ".join(x.id for x in out) or "none"
                 left = sum(1 for q in reqs[i:] if _request_key(q) not in live)
+                fails = f" {len(failed)} earlier request(s) failed and wrote nothing." if failed else ""
                 raise BatchError(
                     f"stopped at request {i + 1} of {len(reqs)} ({r.prompt!r}): {err}. Applied in this run: "
-                    f"{len(out)} ({done}). {left} request(s) not applied: run the same command with "
+                    f"{len(out)} ({done}).{fails} {left} request(s) not applied: run the same command with "
                     "--resume (edit_many(..., resume=True)) to apply them",
                     applied=out,
                     index=i,
@@ -621,6 +725,19 @@ class Editor:
             out.append(rec)
             if on_edit:
                 on_edit(rec)
+        if failed:
+            which = "; ".join(
+                f"request {i + 1} ({e.request.prompt!r} -> {e.request.target_new!r}, "
+                f"probability {e.metrics['prob_after']:.4f})"
+                for i, e in failed
+            )
+            raise BatchFailed(
+                f"{len(failed)} of {len(reqs)} edit(s) did not reach their targets and wrote nothing: {which}. "
+                f"Applied: {len(out)}. Rerun with more steps and --resume to retry only those, "
+                "or keep them with --allow-failed",
+                applied=out,
+                failed=failed,
+            )
         return out
 
     def live_requests(self) -> set[tuple[str, str, str | None]]:
@@ -779,12 +896,81 @@ class Editor:
                 problems.append(f"live model differs from base + ledger replay in {diff.numel()} row(s) of {name}, e.g. {diff[:5].tolist()}")
         return problems
 
-    def save(self, out_dir: str | Path) -> Path:
-        """Write the edited model as a new checkpoint directory (a new base; no ledger)."""
+    def save(self, out_dir: str | Path, *, corpus: bool = True) -> Path:
+        """Write the live model (base + live edits) as a new, self-contained checkpoint directory.
+
+        The directory gets the weights, config and tokenizer, a copy of the
+        training corpus (``corpus.jsonl``, so its background slot statistics can
+        be rebuilt: the first :meth:`open` builds them, or ``knowedit stats``)
+        and ``provenance.json``: the source directory, its fingerprint, the ledger
+        and its head (seq and hash) and the live edit ids that went into the
+        weights. It has no ledger: its first edit creates one, with no events,
+        against the new weights' fingerprint. (The ledger has no field for
+        provenance; ``provenance.json`` carries it.)
+
+        It is written into a temporary directory beside ``out_dir`` and renamed
+        into place, so ``out_dir`` is either complete or not there.
+
+        Args:
+            out_dir: a new directory (or an empty one); never the source.
+            corpus: copy the source's ``corpus.jsonl`` when it has one.
+
+        Returns:
+            ``out_dir``.
+
+        Raises:
+            EditError: ``out_dir`` is the source, or exists and is not an empty directory.
+            OSError: the directory cannot be written (nothing is left behind).
+        """
+        import json
+        import shutil
+        import tempfile
+        from datetime import datetime, timezone
+
+        from knowedit.checkpoint import MODEL_FILE, _umask, model_fingerprint, plain_file_mode
+
         out = Path(out_dir)
         if out.resolve() == self.ck.path.resolve():
             raise EditError("save to a new directory: the base checkpoint is what the ledger replays onto")
-        return save_checkpoint(out, self.model, self.codec)
+        if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+            raise EditError(f"{out} already exists; export into a new (or empty) directory")
+        self.refresh()
+        led = self._reader_ledger()
+        head = led.events(after_seq=self._seq - 1)[-1] if led is not None and self._seq > 0 else None
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        try:
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
+            save_checkpoint(tmp, self.model, self.codec)
+            src_corpus = self.ck.path / CORPUS_FILE
+            copied = corpus and src_corpus.is_file()
+            if copied:
+                shutil.copyfile(src_corpus, tmp / CORPUS_FILE)
+                os.chmod(tmp / CORPUS_FILE, plain_file_mode())
+            live = sorted(self._live.values(), key=lambda e: e.seq)
+            provenance = {
+                "format": "knowedit-provenance/v1",
+                "fingerprint": model_fingerprint(tmp / MODEL_FILE),
+                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                # Flat, with the names a dense `knowedit learn` report uses for the same things.
+                "source": str(self.ck.path.resolve()),
+                "source_fingerprint": self.ck.fingerprint,
+                "source_ledger": led.url if led is not None else None,
+                "source_ledger_seq": self._seq,
+                "source_ledger_head_hash": head.hash if head is not None else None,
+                "live_edits": [e.edit_id for e in live],
+                "live_kinds": {e.edit_id: e.kind for e in live},
+                "corpus": CORPUS_FILE if copied else None,
+            }
+            (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+            os.chmod(tmp / PROVENANCE_FILE, plain_file_mode())
+            if out.exists():
+                out.rmdir()  # empty (checked above)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
 
     def score(self, examples: list[Example]) -> dict[str, list]:
         """Teacher-forced scores of the live model (see :func:`knowedit.inference.teacher_forced`)."""
@@ -911,4 +1097,4 @@ def _eq_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.contiguous().view(torch.uint8) == b.contiguous().view(torch.uint8)).all(-1)
 
 
-__all__ = ["CORPUS_FILE", "STATS_DOCS_FILE", "build_stats", "BatchError", "EditError", "EditOptions", "EditRecord", "Editor", "LearningSession", "LedgerError"]
+__all__ = ["CORPUS_FILE", "PROVENANCE_FILE", "STATS_DOCS_FILE", "build_stats", "BatchError", "BatchFailed", "EditError", "EditFailed", "EditOptions", "EditRecord", "Editor", "LearningSession", "LedgerError"]

@@ -56,7 +56,7 @@ CHILD = textwrap.dedent(
             done = ed.revert(rng.choice(live), cascade=True)
             print(json.dumps({"reverted": done}), flush=True)
         else:
-            rec = ed.apply(rng.choice(reqs), max_steps=rng.choice([3, 8]), layers=rng.choice(["last", "all"]))
+            rec = ed.apply(rng.choice(reqs), max_steps=rng.choice([3, 8]), layers=rng.choice(["last", "all"]), allow_failed=True)
             print(json.dumps({"applied": rec.id}), flush=True)
     """
 )
@@ -72,8 +72,11 @@ def _check_after_crash(model_dir: Path, base: dict[str, torch.Tensor], committed
         assert problems == [], f"kill {kill}: {problems}"
         events = ed.history()
         assert_same_pools(_pools(ed.model), replay(base, events), f"kill {kill}: live vs base + replay")
-        with ed.ledger.transaction():  # the killed process left no lock behind
-            pass
+        if ed.ledger is not None:
+            with ed.ledger.transaction():  # the killed process left no lock behind
+                pass
+        else:  # killed before its first commit: an edit creates the ledger only when it commits
+            assert not committed["applied"], f"kill {kill}: edits were reported but there is no ledger"
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
     for ev in events:
         if ev.kind == "apply":
@@ -133,7 +136,7 @@ def test_sigkill_at_random_instants_never_breaks_the_ledger(tiny_ckpt: Path, tmp
     assert (model_dir / LEDGER_FILE).is_file()
     # After all that, the model still edits, and reverting every edit gives the base back.
     with Editor.open(model_dir) as ed:
-        ed.edit("The mother tongue of nobody is", "Czech", max_steps=3)
+        ed.edit("The mother tongue of nobody is", "Czech", max_steps=3, allow_failed=True)
         for eid in reversed(ed.live_edits()):
             ed.revert(eid)
         assert ed.verify() == []

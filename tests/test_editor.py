@@ -39,7 +39,8 @@ def test_fifty_sequential_edits_are_reliable_and_local(model_dir: Path) -> None:
     base_ok = greedy_exact(ed.model, ed.codec, corpus)
     # Facts the edits change: every phrasing of (subject, old answer).
     edited = {(r.subject, r.ground_truth) for r in reqs}
-    records = [ed.edit(r.prompt, r.target_new, subject=r.subject) for r in reqs]
+    # Edits that miss their target are committed too: reliability counts them.
+    records = [ed.edit(r.prompt, r.target_new, subject=r.subject, allow_failed=True) for r in reqs]
 
     rel = greedy_exact(ed.model, ed.codec, [Example(r.prompt, r.target_new) for r in reqs])
     gen = greedy_exact(ed.model, ed.codec, [Example(p, r.target_new) for r in reqs for p in r.rephrase_prompt])
