@@ -44,11 +44,14 @@ def results_tables(res: dict) -> tuple[Table, Table]:
         ("Reliability", "reliability"),
         ("Generalization", "generalization"),
         ("Locality", "locality"),
+        ("Portability", "portability"),
         ("Base accuracy (true facts, before editing)", "base_accuracy"),
         ("New targets before editing", "targets_before"),
     ]
     for label, key in rows:
-        m = res[key]
+        m = res.get(key)
+        if m is None:  # portability: no record has portability prompts
+            continue
         left_out = f" ({m['excluded']} edited, left out)" if m.get("excluded") else ""
         scores.add_row(label, _fmt(m["teacher_forced"]), _fmt(m["greedy"]), f"{m['prompts']} prompts{left_out}")
     t = res["edit_seconds"]
@@ -72,7 +75,7 @@ def eval_cmd(
         list[str] | None, typer.Option("--option", help="Method setting KEY=VALUE, e.g. max_steps=50 (repeatable).")
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Write the full results as JSON here.")] = None,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write the retention-curve PNG into this directory.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG (Rel over t; final Rel, Gen, Loc) into this directory, under a new name each run.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, or auto.")] = "cpu",
     threads: Annotated[
         int,
@@ -90,7 +93,7 @@ def eval_cmd(
     """
     from knowedit.baselines import METHODS
     from knowedit.data import load_records
-    from knowedit.evaluate import evaluate, plot_retention
+    from knowedit.evaluate import evaluate, new_plot_path, plot_run
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -133,7 +136,7 @@ def eval_cmd(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=2))
     if plot is not None:
-        res["plot"] = str(plot_retention([res], plot / f"retention-{method}-T{res['T']}.png"))
+        res["plot"] = str(plot_run(res, new_plot_path(plot, method, res["T"])))
     if json_out:
         emit_json(res)
         return

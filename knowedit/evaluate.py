@@ -6,6 +6,12 @@ the final model on all T of them (EasyEdit's metrics, as in the WISE paper).
 - Locality: each locality prompt gives the same answer as before any edit
   (locality prompts that are themselves among the T edits' prompts or
   rephrases are meant to change; they are left out and counted).
+- Portability (when the records have portability prompts): each portability
+  prompt gives its ``ground_truth``, the answer that follows from the edit.
+
+The result also carries EasyEdit's names for the teacher-forced scores
+(:func:`easyedit_names`): ``rewrite_acc``, ``rephrase_acc``, ``locality`` and
+``portability``.
 
 Every metric is reported in two modes side by side: teacher-forced token
 accuracy (EasyEdit's convention) and greedy exact match without teacher
@@ -174,6 +180,32 @@ def generalization(scorer: Scorer, requests: Sequence[EditRequest]) -> dict:
     return _score(scorer, [[Example(p, r.target_new) for p in r.rephrase_prompt] for r in requests])
 
 
+def portability(scorer: Scorer, requests: Sequence[EditRequest]) -> dict:
+    """Every portability prompt -> its ground truth (per-edit mean, then over edits);
+    edits without portability prompts are left out."""
+    return _score(
+        scorer,
+        [[Example(p, a) for p, a in zip(r.portability_prompt, r.portability_ground_truth)] for r in requests],
+    )
+
+
+def easyedit_names(result: Mapping[str, object]) -> dict[str, float | None]:
+    """The teacher-forced scores under EasyEdit's names (its convention is teacher-forced
+    token accuracy): ``rewrite_acc`` (reliability), ``rephrase_acc`` (generalization),
+    ``locality`` and ``portability`` (None when no record has portability prompts)."""
+
+    def tf(key: str) -> float | None:
+        m = result.get(key)
+        return m.get("teacher_forced") if isinstance(m, Mapping) else None
+
+    return {
+        "rewrite_acc": tf("reliability"),
+        "rephrase_acc": tf("generalization"),
+        "locality": tf("locality"),
+        "portability": tf("portability"),
+    }
+
+
 def true_fact_accuracy(scorer: Scorer, requests: Sequence[EditRequest]) -> dict:
     """Edit prompt -> ``ground_truth`` (the fact before the edit); records without one are left out."""
     return _score(scorer, [[Example(r.prompt, r.ground_truth)] if r.ground_truth else [] for r in requests])
@@ -267,7 +299,8 @@ def run_edits(
 
     Returns:
         A JSON-serialisable dict: ``T``, ``reliability``, ``generalization``,
-        ``locality``, ``base_accuracy`` (true facts before editing),
+        ``locality``, ``portability`` (None when no request has portability
+        prompts), ``easyedit`` (:func:`easyedit_names`), ``base_accuracy`` (true facts before editing),
         ``targets_before`` (reliability of the unedited model), ``success_rate``,
         ``edit_seconds`` (``warmup_seconds`` apart), ``steps``, ``slots_touched``, ``params_touched``,
         ``retention`` and per-edit ``edits``.
@@ -296,11 +329,16 @@ def run_edits(
             curve.append({"t": t, "reliability": retention(scorer, reqs, t)})
         if on_edit is not None:
             on_edit(t, out)
-    return {
-        "T": T,
+    scores = {
         "reliability": reliability(scorer, reqs),
         "generalization": generalization(scorer, reqs),
         "locality": locality(scorer, reqs, loc_before),
+        "portability": portability(scorer, reqs) if any(r.portability_prompt for r in reqs) else None,
+    }
+    return {
+        "T": T,
+        **scores,
+        "easyedit": easyedit_names(scores),
         "base_accuracy": base,
         "targets_before": targets_before,
         "success_rate": sum(bool(o.get("success")) for o in outcomes) / T,
@@ -336,6 +374,8 @@ def check_requests(requests: Sequence[EditRequest], codec: TextCodec, max_len: i
                 encode_pair(codec, r.prompt, r.ground_truth, max_len)
             for p in r.rephrase_prompt:
                 encode_pair(codec, p, r.target_new, max_len)
+            for p, a in zip(r.portability_prompt, r.portability_ground_truth):
+                encode_pair(codec, p, a, max_len)
             for p in r.locality_prompt:
                 if not p.strip():
                     raise PromptError("a locality prompt is empty")
@@ -347,7 +387,11 @@ def check_requests(requests: Sequence[EditRequest], codec: TextCodec, max_len: i
 
 def answer_budget(requests: Sequence[EditRequest], codec: TextCodec) -> int:
     """Greedy tokens to generate: the longest known answer plus its eos, and at least 8."""
-    answers = [a for r in requests for a in (r.target_new, r.ground_truth or "", *r.locality_ground_truth) if a.strip()]
+    answers = [
+        a for r in requests
+        for a in (r.target_new, r.ground_truth or "", *r.locality_ground_truth, *r.portability_ground_truth)
+        if a.strip()
+    ]
     longest = max((len(codec.encode_answer(a, eos=False)) for a in answers), default=0)
     return max(8, longest + 1)
 
@@ -419,10 +463,15 @@ __all__ = [
     "Scorer",
     "answer_budget",
     "check_requests",
+    "easyedit_names",
     "evaluate",
     "generalization",
     "locality",
     "locality_answers",
+    "new_plot_path",
+    "plot_retention",
+    "plot_run",
+    "portability",
     "reliability",
     "retention",
     "retention_points",
@@ -447,6 +496,66 @@ def plot_retention(results: list[dict], path: Path) -> Path:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def new_plot_path(directory: Path, method: str, T: int) -> Path:
+    """A file name in ``directory`` that no earlier run has: ``eval-METHOD-TT-YYYYmmdd-HHMMSS[-k].png``.
+
+    The file is created (empty) here, so two runs in the same second get different names.
+    """
+    import os
+
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = f"eval-{method}-T{T}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for k in range(1, 10_000):
+        path = directory / (f"{stem}.png" if k == 1 else f"{stem}-{k}.png")
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        return path
+    raise OSError(f"no free plot file name for {stem} in {directory}")
+
+
+def plot_run(res: Mapping, path: Path) -> Path:
+    """One evaluation (:func:`evaluate`'s result) as a PNG: reliability on edits 1..t
+    against t (left), and the final reliability, generalization and locality
+    (and portability, when scored) in both modes (right). The title names the
+    model, the edits file and T."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model = Path(str(res.get("model", "?")))
+    data = Path(str(res.get("edits_file", "records")))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [1.3, 1]})
+    curve = [p for p in res["retention"] if p["reliability"] is not None]
+    left.plot([p["t"] for p in curve], [p["reliability"] for p in curve], marker="o")
+    left.set_xlabel("edits applied (t)")
+    left.set_ylabel("Rel on edits 1..t (teacher-forced)")
+    left.set_ylim(-0.02, 1.02)
+    left.grid(alpha=0.3)
+    names = [("Rel", "reliability"), ("Gen", "generalization"), ("Loc", "locality"), ("Port", "portability")]
+    names = [(label, key) for label, key in names if res.get(key) is not None]
+    width = 0.38
+    for j, mode in enumerate(MODES):
+        vals = [res[key][mode] for _, key in names]
+        xs = [i + (j - 0.5) * width for i in range(len(names))]
+        bars = right.bar(xs, [v if v is not None else 0.0 for v in vals], width, label=mode.replace("_", "-"))
+        for b, v in zip(bars, vals):
+            right.annotate("-" if v is None else f"{v:.2f}", (b.get_x() + b.get_width() / 2, b.get_height()),
+                           ha="center", va="bottom", fontsize=8)
+    right.set_xticks(range(len(names)), [label for label, _ in names])
+    right.set_ylim(0, 1.12)
+    right.set_ylabel(f"final model, all {res['T']} edits")
+    right.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{res['method']} on {model.name or model} | data: {data.name} | T = {res['T']}", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

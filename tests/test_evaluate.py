@@ -252,7 +252,8 @@ def test_eval_cli_two_methods_write_json(tiny_ckpt: Path, tmp_path: Path) -> Non
         assert {"median", "p95", "total"} <= set(data["edit_seconds"])
         assert data["retention"][-1]["t"] == 3
         assert "lr" in data["settings"] and "max_steps" in data["settings"]
-    assert (tmp_path / "img" / "retention-ft-T3.png").stat().st_size > 0
+    (png,) = (tmp_path / "img").glob("eval-ft-T3-*.png")
+    assert png.stat().st_size > 0
     # Evaluation never writes the model directory or a ledger there.
     assert not (tiny_ckpt / "ledger.db").exists()
 

@@ -141,3 +141,135 @@ def test_1_the_evaluation_still_counts_failed_edits(tiny_ckpt: Path) -> None:
     assert res["T"] == 2 and res["success_rate"] == 0.0
     assert [e["success"] for e in res["edits"]] == [False, False]
 
+
+# ------------------------------------------- 2: EasyEdit's raw zsRE and CounterFact
+
+
+def _zsre(r: EditRequest) -> dict:
+    """``r`` as a raw zsRE record (MEND's zsre_mend_eval.json)."""
+    return {
+        "subject": r.subject, "src": r.prompt, "pred": r.ground_truth, "rephrase": r.rephrase_prompt[0],
+        "alt": r.target_new, "answers": [r.ground_truth], "loc": "nq question: " + r.locality_prompt[0],
+        "loc_ans": r.locality_ground_truth[0], "cond": f"{r.ground_truth} >> {r.target_new} || {r.prompt}",
+    }
+
+
+def _counterfact(r: EditRequest, case_id: int) -> dict:
+    """``r`` as a raw CounterFact record (ROME's counterfact.json)."""
+    assert r.subject and r.subject in r.prompt
+    return {
+        "case_id": case_id, "pararel_idx": case_id,
+        "requested_rewrite": {
+            "prompt": r.prompt.replace(r.subject, "{}"), "relation_id": "P103", "subject": r.subject,
+            "target_new": {"str": r.target_new, "id": "Q1"}, "target_true": {"str": r.ground_truth, "id": "Q2"},
+        },
+        "paraphrase_prompts": r.rephrase_prompt, "neighborhood_prompts": r.locality_prompt,
+        "attribute_prompts": [], "generation_prompts": [],
+    }
+
+
+def _same_fact(a: EditRequest, b: EditRequest) -> None:
+    for name in ("prompt", "target_new", "subject", "ground_truth", "rephrase_prompt", "locality_prompt"):
+        assert getattr(a, name) == getattr(b, name), name
+
+
+def _eval_json(runner: CliRunner, model: Path, edits: Path, *extra: str) -> dict:
+    result = runner.invoke(app, ["eval", "-m", str(model), "--edits", str(edits), "--threads", "1",
+                                 "--option", "max_steps=20", "--json", *extra])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def _scores(res: dict) -> dict:
+    return {k: res[k] for k in ("T", "reliability", "generalization", "locality", "portability")}
+
+
+def test_2_raw_zsre_and_counterfact_load_and_evaluate_like_the_flat_format(
+    tiny_ckpt: Path, runner: CliRunner, tmp_path: Path
+) -> None:
+    reqs = _reqs(tiny_ckpt)[:2]
+    flat = tmp_path / "flat.jsonl"
+    flat.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in reqs))
+    zsre = tmp_path / "zsre.json"  # a JSON list, as distributed; a record with no new target is skipped
+    zsre.write_text(json.dumps([_zsre(reqs[0]), {**_zsre(reqs[1]), "alt": ""}, _zsre(reqs[1])], indent=1))
+    cf = tmp_path / "counterfact.json"
+    cf.write_text(json.dumps([_counterfact(r, i) for i, r in enumerate(reqs)]))
+
+    got_z, got_c = load_records(zsre), load_records(cf)
+    assert len(got_z) == len(got_c) == 2
+    for r, z, c in zip(reqs, got_z, got_c):
+        _same_fact(r, z)
+        _same_fact(r, c)
+        assert z.locality_prompt == r.locality_prompt  # "nq question: " is not part of the prompt
+        assert z.locality_ground_truth == r.locality_ground_truth
+        assert c.locality_ground_truth == [r.ground_truth]  # CounterFact's neighbours keep the true target
+    assert [c.case_id for c in got_c] == ["0", "1"]
+
+    base = _eval_json(runner, tiny_ckpt, flat)
+    for path in (zsre, cf):
+        res = _eval_json(runner, tiny_ckpt, path)
+        assert _scores(res) == _scores(base), path.name
+        ee = res["easyedit"]
+        assert ee == {
+            "rewrite_acc": res["reliability"]["teacher_forced"], "rephrase_acc": res["generalization"]["teacher_forced"],
+            "locality": res["locality"]["teacher_forced"], "portability": None,
+        }
+        assert res["reliability"]["prompts"] == 2 and res["locality"]["prompts"] == 2
+
+
+def test_2_portability_prompts_are_scored_when_present(tiny_ckpt: Path, runner: CliRunner, tmp_path: Path) -> None:
+    reqs = _reqs(tiny_ckpt)[:2]
+    rows = []
+    for r in reqs:
+        d = r.to_dict()
+        d.pop("portability_prompt"), d.pop("portability_ground_truth")
+        # KnowEdit's shape; the prompts are the rephrases, so portability must equal generalization.
+        d["portability"] = {"Subject_Aliasing": [{"prompt": p, "ground_truth": [[r.target_new, "alias"]]} for p in r.rephrase_prompt]}
+        rows.append(d)
+    f = tmp_path / "knowedit.json"
+    f.write_text(json.dumps(rows))
+    loaded = load_records(f)
+    assert [x.portability_prompt for x in loaded] == [r.rephrase_prompt for r in reqs]
+    assert [x.portability_ground_truth for x in loaded] == [[r.target_new] * len(r.rephrase_prompt) for r in reqs]
+    res = _eval_json(runner, tiny_ckpt, f)
+    port, gen = res["portability"], res["generalization"]
+    assert port is not None and port["prompts"] == gen["prompts"] > 0
+    assert (port["teacher_forced"], port["greedy"]) == (gen["teacher_forced"], gen["greedy"])
+    assert res["easyedit"]["portability"] == port["teacher_forced"]
+    # The other EasyEdit shape (BaseEditor.edit's portability_inputs) loads the same.
+    other = [{**row, "portability": {"one_hop": {"prompt": r.rephrase_prompt, "ground_truth": [r.target_new] * len(r.rephrase_prompt)}}}
+             for row, r in zip(rows, reqs)]
+    g = tmp_path / "inputs.json"
+    g.write_text(json.dumps(other))
+    assert [x.portability_prompt for x in load_records(g)] == [x.portability_prompt for x in loaded]
+
+
+@pytest.mark.parametrize(
+    ("record", "phrase"),
+    [
+        ({"requested_rewrite": {"prompt": "The tongue of {} is", "subject": "X", "target_true": {"str": "A"}}},
+         "missing required field 'requested_rewrite.target_new.str'"),
+        ({"requested_rewrite": {"prompt": "The tongue of X is", "subject": "X", "target_new": {"str": "B"},
+                                "target_true": {"str": "A"}}}, "must hold {} where the subject goes"),
+        ({"src": "Who?", "alt": "B", "answers": ["A"], "loc": "nq question: q"}, "field 'loc_ans' must be a non-empty string"),
+        ({"prompt": "a b", "target_new": "c", "portability": {"R": [{"prompt": "q"}]}},
+         "portability.R[0] must be an object with 'prompt' and 'ground_truth'"),
+    ],
+    ids=["counterfact-no-target", "counterfact-no-slot", "zsre-no-loc-answer", "portability-no-answer"],
+)
+def test_2_malformed_raw_records_are_named(tmp_path: Path, record: dict, phrase: str) -> None:
+    from knowedit.data import RecordError
+
+    f = tmp_path / "bad.json"
+    f.write_text(json.dumps([record]))
+    with pytest.raises(RecordError) as info:
+        load_records(f)
+    assert "bad.json record 0" in str(info.value) and phrase in str(info.value)
+
+
+def test_2_evaluate_is_exported() -> None:
+    import knowedit
+    from knowedit import evaluate
+
+    assert evaluate is knowedit.evaluate and callable(evaluate.evaluate) and "evaluate" in knowedit.__all__
+
