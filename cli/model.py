@@ -1,4 +1,4 @@
-"""``knowedit train``, ``ask``, ``stats`` and ``locate``."""
+"""``knowedit train``, ``ask``, ``stats``, ``locate`` and ``export``."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def config_path(name: str) -> Path:
 def train(
     config: Annotated[str, typer.Argument(help=f"Recipe YAML path, or a shipped recipe name: {', '.join(shipped_recipes())}.")],
     overrides: Annotated[list[str] | None, typer.Argument(help="KEY=VALUE overrides, e.g. model.d_model=64.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Checkpoint directory [default: runs/NAME].")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Checkpoint directory.", show_default="runs/NAME")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -47,9 +47,10 @@ def train(
     from knowedit.config import load_train_config
     from knowedit.recipes.train import train as run_train
 
-    cfg = load_train_config(str(config_path(config)), list(overrides or []))
+    recipe = config_path(config)
+    cfg = load_train_config(str(recipe), list(overrides or []))
     cfg.out = str(out if out is not None else Path("runs") / cfg.name)
-    report = run_train(cfg, progress=not (quiet or json_out))
+    report = run_train(cfg, progress=not (quiet or json_out), config_dir=recipe.parent)
     report["out"] = cfg.out
     if json_out:
         emit_json(report)
@@ -71,8 +72,8 @@ def ask(
     json_out: JsonOpt = False,
 ) -> None:
     """Greedy completion by the model (base + the ledger's live edits, when a ledger exists)."""
-    from knowedit.checkpoint import load_checkpoint
-    from knowedit.editor import LEDGER_FILE
+    # The checkpoint, not the editor: with no ledger there is nothing to replay (no FAISS, no SQLAlchemy).
+    from knowedit.checkpoint import LEDGER_FILE, load_checkpoint
     from knowedit.inference import greedy
 
     if not base and (ledger is not None or (model / LEDGER_FILE).exists()):
@@ -95,7 +96,7 @@ def ask(
 def stats(
     model: ModelOpt,
     corpus: Annotated[
-        Path | None, typer.Option(help="JSONL of {prompt, answer} or EasyEdit records [default: MODEL/corpus.jsonl].")
+        Path | None, typer.Option(help="JSONL of {prompt, answer} or EasyEdit records.", show_default="MODEL/corpus.jsonl")
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -175,9 +176,43 @@ def locate(
     console.print(table)
 
 
+def export(
+    model: ModelOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The new checkpoint directory (must not exist, or be empty).")],
+    ledger: LedgerOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write base + live edits as a new self-contained checkpoint directory.
+
+    It gets the weights, config, tokenizer, a copy of corpus.jsonl (its slot
+    statistics are rebuilt from it on first use) and provenance.json (source,
+    fingerprints, ledger head and the live edit ids). Its ledger starts empty.
+    """
+    import json
+
+    from knowedit.editor import PROVENANCE_FILE, Editor
+
+    if ledger is not None:
+        from knowedit.cli.ledger import open_existing_ledger
+
+        open_existing_ledger(model, ledger).close()  # a mistyped --ledger is an error, not the base model
+    with Editor.open(model, ledger=ledger) as ed:
+        path = ed.save(out)
+    provenance = json.loads((path / PROVENANCE_FILE).read_text(encoding="utf-8"))
+    if json_out:
+        emit_json({"out": str(path), **provenance})
+        return
+    console.print(
+        f"exported {provenance['source']} with {len(provenance['live_edits'])} live edit(s) to {path}; "
+        f"fingerprint {provenance['fingerprint'][:16]}, provenance in {path / PROVENANCE_FILE}",
+        highlight=False, soft_wrap=True,
+    )
+
+
 def register(app: typer.Typer) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app.command("train")(friendly(train))
     app.command("ask")(friendly(ask))
     app.command("stats")(friendly(stats))
     app.command("locate")(friendly(locate))
+    app.command("export")(friendly(export))

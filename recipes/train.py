@@ -156,24 +156,34 @@ def _logger(cfg: TrainConfig, out: Path):  # noqa: ANN202
     raise ValueError(f"unknown logger {cfg.logger!r} (csv, tensorboard, none)")
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> dict:
+def train(cfg: TrainConfig, progress: bool = True, config_dir: str | Path | None = None) -> dict:
     """Train per ``cfg`` and write the checkpoint directory ``cfg.out``.
 
     Runs repeat on CPU for a given ``cfg.seed`` and ``cfg.threads``: every random
     generator is seeded, and torch uses ``cfg.threads`` intra-op threads (0: its
     default, which depends on the machine) until training ends.
 
+    Args:
+        cfg: the resolved config.
+        progress: show Lightning's progress bar.
+        config_dir: the recipe file's directory: a relative ``data.path`` that is
+            not found from the current directory is looked up there
+            (:func:`resolve_data_path`).
+
     Returns:
         The training report: accuracies, wall time, the thread count, sizes.
 
     Raises:
         ValueError: an accelerator this machine lacks (naming the usable ones),
-            a negative thread count, or a setting Lightning refuses; nothing is
-            written then.
+            a negative thread count, a data file that is not there (naming the
+            ``data.path=`` override), a training example longer than the
+            model's context (naming the ``model.max_seq_len=`` override), or a
+            setting Lightning refuses; nothing is written then.
     """
     t0 = time.monotonic()
     _quiet_lightning()
     check_accelerator(cfg.accelerator)  # before anything is written
+    resolve_data_path(cfg, config_dir)
     if cfg.threads < 0:
         raise ValueError(f"threads must be >= 0 (0: torch's default), got {cfg.threads}")
     prior_threads = torch.get_num_threads()
@@ -207,10 +217,11 @@ def _train(cfg: TrainConfig, progress: bool, t0: float) -> dict:
         raise ValueError(
             f"cannot train with accelerator {cfg.accelerator!r} and precision {cfg.precision!r}: {first}"
         ) from None
-    out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, verbose=False)
     random.seed(cfg.seed)
     dm = FactDataModule(cfg)
+    check_fit(dm.train_ex, dm.codec, cfg.model.max_seq_len)  # before the first step, and before writing
+    out.mkdir(parents=True, exist_ok=True)
     cfg.model.vocab_size = dm.codec.vocab_size
     model = build_model(cfg.model, seed=cfg.seed)
     eval_sample = dm.train_ex if len(dm.train_ex) <= 4000 else random.Random(cfg.seed).sample(dm.train_ex, 4000)
@@ -238,6 +249,59 @@ def _train(cfg: TrainConfig, progress: bool, t0: float) -> dict:
     }
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
     return report
+
+
+def resolve_data_path(cfg: TrainConfig, config_dir: str | Path | None = None) -> None:
+    """Find ``cfg.data.path`` (for ``easyedit`` and ``documents`` data), in place.
+
+    A path that exists from the current directory is kept; a relative one that
+    does not is looked up next to the recipe file (``config_dir``) and, found
+    there, replaced by that path (so the saved ``config.yaml`` names the file read).
+
+    Raises:
+        ValueError: the file is in neither place; the message names the
+            ``data.path=`` override.
+    """
+    d = cfg.data
+    if d.source == "synthetic" or not d.path:
+        return  # FactDataModule names a missing data.path
+    given = Path(d.path).expanduser()
+    if given.exists():
+        return
+    looked = [str(given.resolve())]
+    if not given.is_absolute() and config_dir is not None:
+        beside = Path(config_dir) / given
+        if beside.exists():
+            d.path = str(beside)
+            return
+        looked.append(str(beside.resolve()))
+    raise ValueError(
+        f"data.path {d.path!r} not found (looked for {' and '.join(looked)}); "
+        "give the file with data.path=/path/to/file"
+    )
+
+
+def check_fit(examples: list[Example], codec: TextCodec, max_len: int) -> None:
+    """Every training example must fit the model's context (prompt + answer + eos).
+
+    Raises:
+        ValueError: one line naming the longest example, its token count and the
+            ``model.max_seq_len=N`` override that makes every example fit.
+    """
+    longest, worst, too_long = 0, -1, 0
+    for i, ex in enumerate(examples):
+        n = len(codec.encode_prompt(ex.prompt)) + len(codec.encode_answer(ex.answer, eos=True)) - 1
+        too_long += n > max_len
+        if n > longest:
+            longest, worst = n, i
+    if longest > max_len:
+        ex = examples[worst]
+        text = ex.prompt if len(ex.prompt) <= 80 else ex.prompt[:77] + "..."
+        raise ValueError(
+            f"{too_long} training example(s) do not fit the model's context of {max_len} tokens; the longest, "
+            f"example {worst} ({text!r} -> {ex.answer!r}), is {longest} tokens: "
+            f"train with model.max_seq_len={longest} (or more), or shorten the data"
+        )
 
 
 def usable_accelerators() -> tuple[list[str], list[str]]:

@@ -273,3 +273,121 @@ def test_2_evaluate_is_exported() -> None:
 
     assert evaluate is knowedit.evaluate and callable(evaluate.evaluate) and "evaluate" in knowedit.__all__
 
+
+# --------------------------------------------------------------- 3: knowedit export
+
+
+def test_3_export_answers_like_the_source_and_edits_with_guards(model_dir: Path, runner: CliRunner, tmp_path: Path) -> None:
+    from knowedit.editor import PROVENANCE_FILE
+
+    reqs = _reqs(model_dir)
+    with Editor.open(model_dir) as ed:
+        recs = [ed.apply(r, allow_failed=True, max_steps=30) for r in reqs[:3]]
+        ed.revert(recs[2].id)  # a reverted edit is not in the export
+        live = ed.live_edits()
+        head = ed.history()[-1]
+    assert live == [recs[0].id, recs[1].id]
+    prompts = [r.prompt for r in reqs[:6]] + [r.rephrase_prompt[0] for r in reqs[:3]]
+    source_answers = [json.loads(runner.invoke(app, ["ask", p, "-m", str(model_dir), "--json"]).stdout)["answer"] for p in prompts]
+    before = tree(model_dir)
+
+    new = tmp_path / "exported"
+    result = runner.invoke(app, ["export", "-m", str(model_dir), "--out", str(new), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert tree(model_dir) == before  # the source is only read
+    assert out["out"] == str(new) and out["live_edits"] == live
+    assert out["source"] == str(model_dir.resolve())
+    assert out["source_ledger_seq"] == head.seq and out["source_ledger_head_hash"] == head.hash
+    from knowedit.checkpoint import load_checkpoint, model_fingerprint
+
+    assert out["source_fingerprint"] == load_checkpoint(model_dir).fingerprint
+    assert out["fingerprint"] == model_fingerprint(new / "model.safetensors") != out["source_fingerprint"]
+    assert json.loads((new / PROVENANCE_FILE).read_text()) == {k: v for k, v in out.items() if k != "out"}
+    assert (new / "corpus.jsonl").read_bytes() == (model_dir / "corpus.jsonl").read_bytes()
+    assert not (new / LEDGER_FILE).exists() and not (new / "slot_stats.safetensors").exists()
+    assert not list(tmp_path.glob(".exported.*"))  # no temporary directory left behind
+
+    # The export, with no ledger, answers as the source with its live edits.
+    asked = [json.loads(runner.invoke(app, ["ask", p, "-m", str(new), "--json"]).stdout) for p in prompts]
+    assert [a["answer"] for a in asked] == source_answers and all(a["live_edits"] == 0 for a in asked)
+    assert source_answers[0] == reqs[0].target_new or not recs[0].metrics["success"]
+    # An edit of the export runs with guards: the statistics are rebuilt from its corpus.
+    with Editor.open(new) as ed:
+        assert ed.background != "none" and ed.stats is not None
+        rec = ed.apply(reqs[5], allow_failed=True, max_steps=5)
+        assert rec.metrics["guards"] > 0
+        assert [e.edit_id for e in ed.history()] == [rec.id]  # its ledger started with no edits
+
+
+def test_3_export_refuses_an_existing_directory_and_the_source(model_dir: Path, runner: CliRunner, tmp_path: Path) -> None:
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    before = tree(model_dir)
+    clean_failure(runner.invoke(app, ["export", "-m", str(model_dir), "--out", str(taken)]), "already exists", "new (or empty) directory")
+    assert tree(taken) == {"keep.txt": tree(taken)["keep.txt"]} and (taken / "keep.txt").read_text() == "mine"
+    clean_failure(runner.invoke(app, ["export", "-m", str(model_dir), "--out", str(model_dir)]), "save to a new directory")
+    assert tree(model_dir) == before
+
+
+# ------------------------------------------ 5: the training data sets the context
+
+
+def test_5_an_example_longer_than_the_context_fails_before_training(tmp_path: Path, runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    from knowedit.recipes import train as recipe
+
+    def no_step(*_a: object, **_k: object) -> None:
+        raise AssertionError("a training step ran")
+
+    monkeypatch.setattr(recipe.MemoryLMModule, "training_step", no_step)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "debug", "model.max_seq_len=6", "--out", str(out), "--quiet"])
+    text = clean_failure(result, "do not fit the model's context of 6 tokens", "model.max_seq_len=")
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    n = int(text.split("train with model.max_seq_len=")[1].split()[0])
+    assert n > 6 and f"is {n} tokens" in text
+    assert not out.exists()  # nothing written
+
+
+def test_5_check_fit_names_the_longest_example() -> None:
+    from knowedit.data import Example
+    from knowedit.recipes.train import check_fit
+    from knowedit.tokenizer import TextCodec, corpus_texts
+
+    exs = [Example("a b", "c"), Example("a b c d e f g h", "i j"), Example("a", "b")]
+    codec = TextCodec.train(corpus_texts(exs), vocab_size=300)
+    check_fit(exs, codec, 64)
+    with pytest.raises(ValueError, match=r"example 1 \('a b c d e f g h' -> 'i j'\)") as info:
+        check_fit(exs, codec, 4)
+    n = int(str(info.value).split("model.max_seq_len=")[1].split()[0])
+    check_fit(exs, codec, n)  # the override it names is enough
+    with pytest.raises(ValueError):
+        check_fit(exs, codec, n - 1)
+
+
+def test_5_a_relative_data_path_is_found_next_to_the_recipe(tiny_ckpt: Path, tmp_path: Path, runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    recipes = tmp_path / "recipes"
+    (recipes / "data").mkdir(parents=True)
+    shutil.copyfile(tiny_ckpt / "edits.jsonl", recipes / "data" / "facts.jsonl")
+    (recipes / "mine.yaml").write_text(
+        "name: mine\nmodel: {d_model: 32, n_layers: 1, n_heads: 2, max_seq_len: 32, memory_layers: [0],"
+        " memory: {n_keys: 8, heads: 1, topk: 2, key_dim: 16}}\n"
+        "data: {source: easyedit, path: data/facts.jsonl, limit: 4, vocab_size: 300, batch_size: 8}\n"
+        "max_epochs: 1\nlogger: none\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", str(recipes / "mine.yaml"), "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["facts_trained"] > 0
+    assert str(recipes / "data" / "facts.jsonl") in (out / "config.yaml").read_text()  # the file it read
+
+    # Neither here nor next to the recipe: one line naming the override, nothing written.
+    missing = tmp_path / "run2"
+    result = runner.invoke(app, ["train", str(recipes / "mine.yaml"), "data.path=nope.jsonl", "--out", str(missing)])
+    clean_failure(result, "data.path 'nope.jsonl' not found", str(recipes / "nope.jsonl"), "data.path=/path/to/file")
+    assert not missing.exists()
+
