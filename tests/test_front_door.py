@@ -391,3 +391,159 @@ def test_5_a_relative_data_path_is_found_next_to_the_recipe(tiny_ckpt: Path, tmp
     clean_failure(result, "data.path 'nope.jsonl' not found", str(recipes / "nope.jsonl"), "data.path=/path/to/file")
     assert not missing.exists()
 
+
+# ------------------------------------- 4: help defaults, full ids, the eval plot
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        (["ask"], ["Ledger path or SQLAlchemy URL. [default: (MODEL/ledger.db)]", "[default: 8]"]),
+        (["edit", "apply"], ["Ledger path or SQLAlchemy URL. [default: (MODEL/ledger.db)]", "[default: 100]", "[default: joint]"]),
+        (["train"], ["Checkpoint directory. [default: (runs/NAME)]"]),
+        (["stats"], ["[default: (MODEL/corpus.jsonl)]"]),
+        (["ledger", "export"], ["Write JSONL here. [default: (stdout)]"]),
+    ],
+)
+def test_4_help_shows_every_default(runner: CliRunner, command: list[str], shown: list[str]) -> None:
+    result = runner.invoke(app, [*command, "--help"], terminal_width=250)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.replace("│", " ").split())
+    for phrase in shown:
+        assert phrase in text, (phrase, text)
+    assert " ." not in text  # what Rich left of an eaten "[default: ...]"
+
+
+def test_4_ledger_list_and_edit_tables_never_cut_an_id(model_dir: Path, runner: CliRunner) -> None:
+    from knowedit.cli.common import console
+
+    reqs = _reqs(model_dir)
+    with Editor.open(model_dir) as ed:
+        ids = [ed.apply(_known(r), max_steps=1).id for r in reqs[:2]]
+    old = console.width
+    console.width = 70
+    try:
+        listed = runner.invoke(app, ["ledger", "list", "-m", str(model_dir)])
+        applied = runner.invoke(app, ["edit", "apply", "-m", str(model_dir), "-p", reqs[3].prompt, "-t", reqs[3].ground_truth or "",
+                                      "--max-steps", "1"])
+    finally:
+        console.width = old
+    assert listed.exit_code == 0 and applied.exit_code == 0, listed.output + applied.output
+    for eid in ids:
+        assert eid in listed.output, listed.output
+    with Editor.open(model_dir) as ed:
+        assert ed.live_edits()[-1] in applied.output, applied.output
+
+
+def test_4_eval_plot_names_model_data_and_t_and_never_overwrites(tiny_ckpt: Path, runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from matplotlib.figure import Figure
+
+    seen: list[dict] = []
+    real = Figure.savefig
+
+    def spy(self: Figure, *args: object, **kwargs: object) -> None:
+        right = self.axes[1]
+        seen.append({"title": self._suptitle.get_text() if self._suptitle else "",
+                     "bars": [t.get_text() for t in right.get_xticklabels()]})
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    img = tmp_path / "img"
+    paths = []
+    for _ in range(2):
+        result = runner.invoke(app, ["eval", "-m", str(tiny_ckpt), "--edits", str(tiny_ckpt / "edits.jsonl"), "--n", "2",
+                                     "--method", "ft", "--plot", str(img), "--json"])
+        assert result.exit_code == 0, result.output
+        paths.append(Path(json.loads(result.stdout)["plot"]))
+    assert paths[0] != paths[1] and all(p.parent == img and p.stat().st_size > 0 for p in paths)
+    assert sorted(img.iterdir()) == sorted(paths)
+    for s in seen:
+        assert tiny_ckpt.name in s["title"] and "edits.jsonl" in s["title"] and "T = 2" in s["title"], s
+        assert s["bars"] == ["Rel", "Gen", "Loc"]
+
+
+# ------------------------------------------------------- 7: one JSON vocabulary
+
+
+def _keys(obj: object) -> set[str]:
+    """Every key at any depth (lists included)."""
+    if isinstance(obj, dict):
+        return set(obj) | {k for v in obj.values() for k in _keys(v)}
+    if isinstance(obj, list):
+        return {k for v in obj for k in _keys(v)}
+    return set()
+
+
+def test_7_json_outputs_match_docs_json_md(model_dir: Path, runner: CliRunner, tmp_path: Path) -> None:
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "json.md").read_text()
+    r = _reqs(model_dir)[0]
+    m = str(model_dir)
+
+    def run(*args: str) -> object:
+        result = runner.invoke(app, [*args, "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    rec = run("edit", "apply", "-m", m, "-p", r.prompt, "-t", r.ground_truth or "", "-s", r.subject or "", "--max-steps", "1")
+    batch_file = tmp_path / "b.jsonl"
+    batch_file.write_text(json.dumps(_known(_reqs(model_dir)[2]).to_dict()) + "\n")
+    outputs = {
+        "version": (run("version"), {"version"}),
+        "ask": (run("ask", r.prompt, "-m", m), {"prompt", "answer", "live_edits"}),
+        "edit apply": (rec, {"id", "seq", "prompt", "target_new", "subject", "slots", "metrics", "conflicts"}),
+        "edit apply --file": (run("edit", "apply", "-m", m, "--file", str(batch_file), "--max-steps", "1"), {"applied", "failed", "skipped"}),
+        "ledger show": (run("ledger", "show", rec["id"], "-m", m), {"id", "seq", "created_at", "author", "note", "live", "method", "request", "settings", "metrics", "hash", "rows"}),
+        "ledger verify": (run("ledger", "verify", "-m", m), {"ok", "events", "problems"}),
+        "locate": (run("locate", "-m", m, "-p", r.prompt, "-t", r.target_new, "--top", "2"), {"positions", "candidates", "slots"}),
+        "stats": (run("stats", "-m", m), {"documents", "pools"}),
+        "export": (run("export", "-m", m, "--out", str(tmp_path / "x")), {"out", "format", "fingerprint", "created_at", "source", "source_fingerprint", "source_ledger", "source_ledger_seq", "source_ledger_head_hash", "live_edits", "live_kinds", "corpus"}),
+        "edit revert": (run("edit", "revert", "-m", m, rec["id"]), {"reverted", "live_edits"}),
+    }
+    listed = run("ledger", "list", "-m", m)
+    assert isinstance(listed, list) and set(listed[0]) == {"seq", "kind", "id", "created_at", "author", "prompt", "target_new", "slots", "live"}
+    for name, (out, keys) in outputs.items():
+        assert isinstance(out, dict) and set(out) == keys, (name, sorted(out))  # type: ignore[arg-type]
+        assert f"`knowedit {name.split(' --')[0]}" in doc, name
+        for k in keys:
+            assert f"`{k}`" in doc, (name, k)
+    everything = set().union(*(_keys(o) for o, _ in outputs.values()), _keys(listed))
+    assert "edit_id" not in everything  # one name for an event id: `id`
+    assert isinstance(outputs["edit apply --file"][0]["applied"][0]["slots"], list)  # type: ignore[index]
+
+
+# ------------------------------------------------------------ 6: start-up imports
+
+_PROBE = """
+import sys
+from knowedit.cli.app import app
+sys.argv = ["knowedit", *sys.argv[1:]]
+try:
+    app()
+except SystemExit:
+    pass
+heavy = [m for m in ("torch", "lightning", "faiss", "sqlalchemy", "omegaconf", "matplotlib") if m in sys.modules]
+sys.stderr.write("HEAVY=" + ",".join(heavy) + "\\n")
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["version"], ["version", "--json"], ["ask", "--help"], ["edit", "apply", "--help"]])
+def test_6_help_and_version_import_no_torch(args: list[str]) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY=\n" in proc.stderr, proc.stderr  # none of them
+    assert proc.stdout.strip()
+
+
+def test_6_import_knowedit_is_light_and_names_still_resolve() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, knowedit; light = 'torch' not in sys.modules; "
+            "from knowedit import Editor, EditOptions, MemoryLM, evaluate; "
+            "print(light, Editor.__name__, EditOptions().max_steps, MemoryLM.__name__, evaluate.__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "Editor", "100", "MemoryLM", "knowedit.evaluate"]
