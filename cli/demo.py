@@ -31,7 +31,7 @@ def demo(
     from knowedit.cli.model import config_path
     from knowedit.config import load_train_config
     from knowedit.data import load_records, read_examples
-    from knowedit.editor import Editor
+    from knowedit.editor import EditFailed, Editor
     from knowedit.inference import greedy_exact
     from knowedit.recipes.train import EDITS_FILE, HELDOUT_FILE, REPORT_FILE, train
 
@@ -60,7 +60,8 @@ def demo(
     held = read_examples(out / HELDOUT_FILE)
     with Editor.open(out, author="demo") as ed:
         # Pick an edit whose fact the model knows, in both phrasings.
-        req = next(r for r in edits if ed.ask(r.prompt) == r.ground_truth and ed.ask(r.rephrase_prompt[0]) == r.ground_truth)
+        known = (r for r in edits if ed.ask(r.prompt) == r.ground_truth and ed.ask(r.rephrase_prompt[0]) == r.ground_truth)
+        req = next(known)
         probes = [req.prompt, req.rephrase_prompt[0], req.locality_prompt[0]]
 
         def ask_all(title: str) -> list[str]:
@@ -78,7 +79,18 @@ def demo(
         sample = held[:400]
         result["heldout_accuracy_before_edit"] = sum(greedy_exact(ed.model, ed.codec, sample)) / len(sample)
         say(Panel(f"3. Edit: {req.prompt!r} -> {req.target_new!r}", style="cyan"))
-        rec = ed.edit(req.prompt, req.target_new, subject=req.subject, note="demo edit")
+        for _ in range(5):
+            try:
+                rec = ed.edit(req.prompt, req.target_new, subject=req.subject, note="demo edit")
+                break
+            except EditFailed as err:  # nothing was committed: show it, take the next known fact
+                say(f"   [yellow]{err}[/]; nothing was committed")
+                req = next(known)
+                probes[:] = [req.prompt, req.rephrase_prompt[0], req.locality_prompt[0]]
+                say(Panel(f"3. Edit instead: {req.prompt!r} -> {req.target_new!r}", style="cyan"))
+                result["before"] = ask_all("before the edit")
+        else:
+            raise EditFailed("five edits in a row missed their target")
         m = rec.metrics
         say(f"   edit {rec.id}: {len(rec.slots)} value rows changed in {m['total_ms']:.0f} ms "
             f"({m['steps']} steps, p(target) {m['prob_before']:.3f} -> {m['prob_after']:.3f}, ledger {m['ledger_ms']:.1f} ms)")
