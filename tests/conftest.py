@@ -77,6 +77,24 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
+def model_dir(tiny_ckpt: Path, tmp_path: Path) -> Path:
+    """A private copy of :func:`tiny_ckpt` (its statistics built, no ledger), free to change."""
+    import shutil
+
+    dst = tmp_path / "model"
+    shutil.copytree(tiny_ckpt, dst)
+    return dst
+
+
+@pytest.fixture
+def runner() -> Iterator[object]:
+    """A Typer ``CliRunner`` for driving ``knowedit`` in-process."""
+    from typer.testing import CliRunner
+
+    yield CliRunner()
+
+
+@pytest.fixture
 def pg_url() -> Iterator[str]:
     """A fresh, empty PostgreSQL database for one test (dropped afterwards).
 

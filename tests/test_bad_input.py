@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import warnings
@@ -43,18 +42,6 @@ BAD_TEXTS = [
     pytest.param("The mother tongue of \udcff is", "invalid UTF-8 byte 0xff at position 21", id="invalid-utf8"),
     pytest.param("The mother tongue of \ud800 is", "lone surrogate U+D800 at position 21", id="lone-surrogate"),
 ]
-
-
-@pytest.fixture
-def model_dir(tiny_ckpt: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "model"
-    shutil.copytree(tiny_ckpt, dst)
-    return dst
-
-
-@pytest.fixture
-def runner() -> CliRunner:
-    return CliRunner()
 
 
 @pytest.fixture

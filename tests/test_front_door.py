@@ -22,18 +22,6 @@ from knowedit.data import EditRequest, load_records
 from knowedit.editor import LEDGER_FILE, BatchFailed, EditError, EditFailed, Editor
 
 
-@pytest.fixture
-def model_dir(tiny_ckpt: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "model"
-    shutil.copytree(tiny_ckpt, dst)
-    return dst
-
-
-@pytest.fixture
-def runner() -> CliRunner:
-    return CliRunner()
-
-
 def _reqs(model_dir: Path) -> list[EditRequest]:
     return load_records(model_dir / "edits.jsonl")
 

@@ -9,7 +9,6 @@ accepted by accident, 2 tampering noticed on every open, 3 fair writers,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import clean_failure, tree
 from ledger_helpers import assert_same_pools, replay
 from typer.testing import CliRunner
 
@@ -38,18 +38,6 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 20
 
 
-@pytest.fixture
-def model_dir(tiny_ckpt: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "model"
-    shutil.copytree(tiny_ckpt, dst)
-    return dst
-
-
-@pytest.fixture
-def runner() -> CliRunner:
-    return CliRunner()
-
-
 def _reqs(model_dir: Path) -> list:
     return load_records(model_dir / "edits.jsonl")
 
@@ -59,37 +47,6 @@ def _apply_cli(runner: CliRunner, model_dir: Path, req, *extra: str):  # noqa: A
         "edit", "apply", "--model", str(model_dir), "-p", req.prompt, "-t", req.target_new,
         "-s", req.subject, "--max-steps", str(STEPS), "--allow-failed", "--json", *extra,
     ])
-
-
-def _clean_failure(result, *phrases: str) -> str:  # noqa: ANN001
-    assert result.exit_code != 0, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    text = " ".join(result.output.split())
-    for phrase in phrases:
-        assert phrase in text, result.output
-    return text
-
-
-def _digest(p: Path) -> str:
-    """sha256 of a file; of a SQLite database, of its logical content (its WAL
-    checkpoints and -wal/-shm files come and go as connections open and close)."""
-    data = p.read_bytes()
-    if data[:16] == b"SQLite format 3\x00":
-        con = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
-        try:
-            data = "\n".join(con.iterdump()).encode()
-        finally:
-            con.close()
-    return hashlib.sha256(data).hexdigest()
-
-
-def _tree(path: Path) -> dict[str, str]:
-    """Content of every file under ``path`` (to show a command changed nothing)."""
-    return {
-        str(p.relative_to(path)): _digest(p)
-        for p in sorted(path.rglob("*")) if p.is_file() and not p.name.endswith(("-wal", "-shm"))
-    }
 
 
 def _edited(model_dir: Path, n: int = 3) -> list[str]:
@@ -114,7 +71,7 @@ def _tamper(db: Path, *sql: tuple, restore_triggers: bool = True) -> None:
 # ------------------------------------------- 1: no ledger created by accident
 def test_1_an_empty_ledger_file_is_refused_by_every_command(model_dir: Path, runner: CliRunner) -> None:
     (model_dir / LEDGER_FILE).write_bytes(b"")
-    before = _tree(model_dir)
+    before = tree(model_dir)
     req = _reqs(model_dir)[0]
     for args in (
         ["ledger", "verify", "--model", str(model_dir)],
@@ -122,9 +79,9 @@ def test_1_an_empty_ledger_file_is_refused_by_every_command(model_dir: Path, run
         ["ask", "--model", str(model_dir), req.prompt],
         ["edit", "revert", "--model", str(model_dir), "e0000000000"],
     ):
-        _clean_failure(runner.invoke(app, args), "empty file")
-    _clean_failure(_apply_cli(runner, model_dir, req), "empty file")
-    assert _tree(model_dir) == before, "a command wrote into the empty ledger or beside it"
+        clean_failure(runner.invoke(app, args), "empty file")
+    clean_failure(_apply_cli(runner, model_dir, req), "empty file")
+    assert tree(model_dir) == before, "a command wrote into the empty ledger or beside it"
 
 
 def test_1_a_mistyped_ledger_path_is_an_error_for_read_commands(model_dir: Path, runner: CliRunner) -> None:
@@ -136,20 +93,20 @@ def test_1_a_mistyped_ledger_path_is_an_error_for_read_commands(model_dir: Path,
         ["edit", "revert", "e0000000000"], ["ask", req.prompt],
         ["locate", "-p", req.prompt, "-t", req.target_new],
     ):
-        _clean_failure(runner.invoke(app, [*args, "--model", str(model_dir), "--ledger", str(typo)]), "no ledger")
+        clean_failure(runner.invoke(app, [*args, "--model", str(model_dir), "--ledger", str(typo)]), "no ledger")
     assert not typo.exists()
 
 
 def test_1_revert_and_read_commands_never_create_a_ledger(model_dir: Path, runner: CliRunner) -> None:
     req = _reqs(model_dir)[0]
-    before = _tree(model_dir)
-    _clean_failure(runner.invoke(app, ["edit", "revert", "--model", str(model_dir), "e0000000000"]), "unknown edit id")
+    before = tree(model_dir)
+    clean_failure(runner.invoke(app, ["edit", "revert", "--model", str(model_dir), "e0000000000"]), "unknown edit id")
     assert runner.invoke(app, ["ask", "--model", str(model_dir), req.prompt]).exit_code == 0
     assert runner.invoke(app, ["locate", "--model", str(model_dir), "-p", req.prompt, "-t", req.target_new]).exit_code == 0
     with Editor.open(model_dir) as ed:
         ed.ask(req.prompt)
         assert ed.history() == [] and ed.verify() == []
-    assert _tree(model_dir) == before
+    assert tree(model_dir) == before
     assert not (model_dir / LEDGER_FILE).exists()
 
 
@@ -162,10 +119,10 @@ def test_1_the_first_edit_creates_the_ledger_whole(model_dir: Path, runner: CliR
 def test_1_a_foreign_sqlite_file_is_refused(model_dir: Path, runner: CliRunner) -> None:
     with sqlite3.connect(model_dir / LEDGER_FILE) as con:
         con.execute("CREATE TABLE notes (x TEXT)")
-    before = _tree(model_dir)
-    _clean_failure(_apply_cli(runner, model_dir, _reqs(model_dir)[0]), "not a knowedit ledger")
-    _clean_failure(runner.invoke(app, ["ledger", "verify", "--model", str(model_dir)]), "not a knowedit ledger")
-    assert _tree(model_dir) == before
+    before = tree(model_dir)
+    clean_failure(_apply_cli(runner, model_dir, _reqs(model_dir)[0]), "not a knowedit ledger")
+    clean_failure(runner.invoke(app, ["ledger", "verify", "--model", str(model_dir)]), "not a knowedit ledger")
+    assert tree(model_dir) == before
 
 
 # --------------------------------------------- 2: tampering noticed on every open
@@ -190,7 +147,7 @@ def test_2_every_command_refuses_a_tampered_ledger(model_dir: Path, runner: CliR
         ed.revert(ids[1])
         last = ed.apply(_reqs(model_dir)[5], max_steps=STEPS, allow_failed=True).id  # the revert is in the middle
     tamper(model_dir / LEDGER_FILE)
-    before = _tree(model_dir)
+    before = tree(model_dir)
     req = _reqs(model_dir)[9]
     for args in (
         ["ask", "--model", str(model_dir), req.prompt],
@@ -198,9 +155,9 @@ def test_2_every_command_refuses_a_tampered_ledger(model_dir: Path, runner: CliR
         ["ledger", "list", "--model", str(model_dir)],
         ["locate", "--model", str(model_dir), "-p", req.prompt, "-t", req.target_new],
     ):
-        _clean_failure(runner.invoke(app, args), "is damaged", "ledger verify")
-    _clean_failure(_apply_cli(runner, model_dir, req), "is damaged")
-    assert _tree(model_dir) == before, "a new event was chained onto a tampered history"
+        clean_failure(runner.invoke(app, args), "is damaged", "ledger verify")
+    clean_failure(_apply_cli(runner, model_dir, req), "is damaged")
+    assert tree(model_dir) == before, "a new event was chained onto a tampered history"
     out = runner.invoke(app, ["ledger", "verify", "--model", str(model_dir), "--json"])
     assert out.exit_code == 1 and json.loads(out.stdout)["ok"] is False
     shown = runner.invoke(app, ["ledger", "show", ids[1], "--model", str(model_dir), "--json"])
@@ -410,7 +367,7 @@ def test_3_cli_resume_skips_what_is_live(model_dir: Path, runner: CliRunner, tmp
     assert out.exit_code == 0, out.output
     batch = json.loads(out.stdout)
     assert [r["prompt"] for r in batch["applied"]] == [reqs[1].prompt, reqs[2].prompt] and batch["skipped"] == 1
-    _clean_failure(runner.invoke(app, ["edit", "apply", "--model", str(model_dir), "--resume", "-p", "x", "-t", "y"]),
+    clean_failure(runner.invoke(app, ["edit", "apply", "--model", str(model_dir), "--resume", "-p", "x", "-t", "y"]),
                    "--resume goes with --file")
 
 
@@ -494,10 +451,10 @@ def test_4_a_damaged_side_file_without_a_corpus_is_refused_by_name(model_dir: Pa
     stats, docs = _stats_pair(model_dir)
     docs.write_bytes(docs.read_bytes()[:-40])
     (model_dir / CORPUS_FILE).unlink()
-    before = _tree(model_dir)
-    text = _clean_failure(_apply_cli(runner, model_dir, _reqs(model_dir)[0]), STATS_DOCS_FILE, "knowedit stats")
+    before = tree(model_dir)
+    text = clean_failure(_apply_cli(runner, model_dir, _reqs(model_dir)[0]), STATS_DOCS_FILE, "knowedit stats")
     assert "IndexError" not in text
-    assert _tree(model_dir) == before
+    assert tree(model_dir) == before
 
 
 def test_4_side_files_are_written_by_rename(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -509,7 +466,7 @@ def test_4_side_files_are_written_by_rename(model_dir: Path, monkeypatch: pytest
     ck = load_checkpoint(model_dir)
     docs = side.read_docs(model_dir / CORPUS_FILE)
     stats = side.build_stats(ck, docs)
-    good = _tree(model_dir)
+    good = tree(model_dir)
 
     def dies(self, path, **kw) -> None:  # noqa: ANN001
         Path(path).write_bytes(b"half")
@@ -518,7 +475,7 @@ def test_4_side_files_are_written_by_rename(model_dir: Path, monkeypatch: pytest
     monkeypatch.setattr(type(stats), "save", dies)
     with pytest.raises(KeyboardInterrupt):
         side.save_stats(ck, stats, docs)
-    assert _tree(model_dir) == good
+    assert tree(model_dir) == good
     assert not [p for p in model_dir.iterdir() if p.name.endswith(".tmp")]
     assert oct((model_dir / STATS_FILE).stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
@@ -563,10 +520,10 @@ def test_5_a_read_only_directory_without_stats_edits_with_stats_in_memory(
 
 # ----------------------------------------------------- 7: in-memory ledgers
 def test_7_an_in_memory_ledger_is_refused_for_writes(model_dir: Path, runner: CliRunner) -> None:
-    before = _tree(model_dir)
-    _clean_failure(_apply_cli(runner, model_dir, _reqs(model_dir)[0], "--ledger", "sqlite://"), "in memory")
-    _clean_failure(runner.invoke(app, ["ask", "--model", str(model_dir), "--ledger", "sqlite://", "x"]), "in memory")
-    assert _tree(model_dir) == before
+    before = tree(model_dir)
+    clean_failure(_apply_cli(runner, model_dir, _reqs(model_dir)[0], "--ledger", "sqlite://"), "in memory")
+    clean_failure(runner.invoke(app, ["ask", "--model", str(model_dir), "--ledger", "sqlite://", "x"]), "in memory")
+    assert tree(model_dir) == before
 
 
 # ---------------------------------------------- 10: re-editing an edited prompt

@@ -25,18 +25,6 @@ LEARN = ["epochs=3", "batch_size=4", "lr=20", "top_t=16", "threads=1"]
 
 
 @pytest.fixture
-def model_dir(tiny_ckpt: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "model"
-    shutil.copytree(tiny_ckpt, dst)
-    return dst
-
-
-@pytest.fixture
-def runner() -> CliRunner:
-    return CliRunner()
-
-
-@pytest.fixture
 def facts(model_dir: Path, tmp_path: Path) -> Path:
     """Eight new facts in EasyEdit format (the tiny world's edits: prompt + target_new)."""
     path = tmp_path / "new.jsonl"
