@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from knowedit.baselines import LoRA, lora_targets
-from knowedit.checkpoint import load_checkpoint, save_checkpoint
+from knowedit.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from knowedit.config import LearnConfig, learn_lr
 from knowedit.data.documents import load_learning_data
 from knowedit.data.records import Example
@@ -237,10 +237,6 @@ def check_data(examples: list[Example], codec: TextCodec, max_len: int, source: 
             raise ValueError(f"{source}: document {i + 1} ({ex.prompt} {ex.answer[:40]!r}...): {err}") from None
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _trainer(cfg: LearnConfig, steps: int, progress: bool, callbacks: list[L.Callback]) -> L.Trainer:
     from knowedit.recipes.train import _quiet_lightning
 
@@ -298,7 +294,7 @@ def learn(
     t0 = time.monotonic()
     data = Path(data)
     examples, fmt = load_learning_data(data)
-    sha = _file_sha256(data)
+    sha = file_sha256(data)
     dense = cfg.method != "sparse"
     if dense:
         if out is None:
@@ -364,9 +360,10 @@ def _learn_sparse(
     plan = batch_plan(len(examples), cfg)
     done = 0
     if resume:
+        live = set(ed.live_edits())
         done = max(
             (int(ev.request.get("step_to", 0)) for ev in ed.history()
-             if ev.kind == "learn" and ev.edit_id in set(ed.live_edits()) and ev.request.get("run") == rid),
+             if ev.kind == "learn" and ev.edit_id in live and ev.request.get("run") == rid),
             default=0,
         )
     report = {"method": "sparse", "run": rid, "data": str(data), "format": fmt, "documents": len(examples),
@@ -374,7 +371,7 @@ def _learn_sparse(
     if done >= len(plan):
         report.update(steps=0, note="nothing to do: this run is already committed in full", seconds=round(time.monotonic() - t0, 2))
         return report
-    settings = {k: v for k, v in asdict(cfg).items()}
+    settings = asdict(cfg)
     settings["lr"] = learn_lr(cfg)
     module = LearnModule(cfg, ed.model, idf)
     last = {"step": done, "loss_at": 0, "t": time.monotonic()}

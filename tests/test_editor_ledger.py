@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import clean_failure
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -628,20 +629,6 @@ def test_two_processes_edit_one_model_full(model_dir: Path, tmp_path: Path) -> N
 
 
 # ---------------------------------------------------------------------- CLI
-@pytest.fixture
-def runner() -> CliRunner:
-    return CliRunner()
-
-
-def _clean_failure(result, *phrases: str) -> None:  # noqa: ANN001
-    assert result.exit_code != 0, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    text = " ".join(result.output.split())
-    for phrase in phrases:
-        assert phrase in text, result.output
-
-
 def _json(result) -> object:  # noqa: ANN001
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
@@ -688,15 +675,15 @@ def test_cli_apply_list_show_verify_revert_export(model_dir: Path, runner: CliRu
 
 def test_cli_revert_of_an_unknown_id_is_a_clean_error(edited_dir: Path, runner: CliRunner) -> None:
     n = n_events(edited_dir)
-    _clean_failure(runner.invoke(app, ["edit", "revert", "--model", str(edited_dir), "e0000000000"]), "unknown edit id")
-    _clean_failure(runner.invoke(app, ["edit", "revert", "--model", str(edited_dir), "e0000000000", "--json"]), "unknown edit id")
-    _clean_failure(runner.invoke(app, ["ledger", "show", "e0000000000", "--model", str(edited_dir)]), "unknown edit id")
+    clean_failure(runner.invoke(app, ["edit", "revert", "--model", str(edited_dir), "e0000000000"]), "unknown edit id")
+    clean_failure(runner.invoke(app, ["edit", "revert", "--model", str(edited_dir), "e0000000000", "--json"]), "unknown edit id")
+    clean_failure(runner.invoke(app, ["ledger", "show", "e0000000000", "--model", str(edited_dir)]), "unknown edit id")
     assert n_events(edited_dir) == n
 
 
 def test_cli_ledger_commands_without_a_ledger(model_dir: Path, runner: CliRunner) -> None:
     for args in (["ledger", "list"], ["ledger", "verify"], ["ledger", "export"], ["ledger", "show", "e0000000000"]):
-        _clean_failure(runner.invoke(app, [*args, "--model", str(model_dir)]), "no ledger")
+        clean_failure(runner.invoke(app, [*args, "--model", str(model_dir)]), "no ledger")
     assert not (model_dir / LEDGER_FILE).exists(), "a read-only command created a ledger"
 
 
