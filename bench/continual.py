@@ -202,7 +202,7 @@ def equal_acquisition(runs: list[dict], base_acc_a: float, tol: float = 0.02) ->
     return target, rows
 
 
-def plot(runs: list[dict], rows: list[dict], title: str, out_dir: Path) -> list[str]:
+def plot(runs: list[dict], title: str, out_dir: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     base_acc_a = runs[0]["curve"][0]["acc_A"]
     target, rows = equal_acquisition(runs, base_acc_a)
     title = "synthetic world" if args.world == "synthetic" else f"CounterFact world ({args.limit} records)"
-    files = plot(runs, rows, title, out_dir)
+    files = plot(runs, title, out_dir)
     result = {"world": args.world, "limit": args.limit if args.world == "counterfact" else None,
               "sizes": {k: len(v) for k, v in parts.items()}, "base": train_report, "base_acc_A": base_acc_a,
               "target_acc_B": target, "equal_acquisition": rows, "runs": runs, "plots": files,
