@@ -37,7 +37,12 @@ class EditOptions:
     locality_weight: float = 1.0
     """Weight of the KL guard on unrelated facts that read the chosen slots."""
     guard_facts: int = 256
-    """At most this many background facts are guarded."""
+    """At most this many background facts are guarded (``layers=all``)."""
+    guard_reads: int = 64
+    """Final-layer edits guard, per chosen slot, its this-many strongest background
+    readers (0: every reader). Bounds an edit's cost by ``top_t x guard_reads``
+    positions whatever the corpus size; a reader with less weight on the slot
+    moves less when its row changes."""
     conflict: str = "joint"
     """Slots of live edits: ``joint`` (share them; the earlier edits' reads are kept
     exactly, or guarded with ``layers=all``) or ``avoid`` (choose other slots)."""
@@ -86,6 +91,7 @@ class EditOptions:
             (math.isfinite(opts.locality_weight) and opts.locality_weight >= 0, "locality_weight must be >= 0"),
             (math.isfinite(opts.guard_margin) and opts.guard_margin >= 0, "guard_margin must be >= 0"),
             (opts.guard_facts >= 0, "guard_facts must be >= 0"),
+            (opts.guard_reads >= 0, "guard_reads must be >= 0"),
             (0 < opts.null_rtol < 1, "null_rtol must be in (0, 1)"),
             (opts.layers in ("last", "all"), "layers must be 'last' or 'all'"),
             (opts.idf_source in ("any", "answer"), "idf_source must be 'any' or 'answer'"),

@@ -23,7 +23,8 @@ import torch
 
 from knowedit.checkpoint import LEDGER_FILE, Checkpoint, load_checkpoint, save_checkpoint
 from knowedit.data.records import EditRequest, Example, requests_from
-from knowedit.inference import PromptError, encode_examples, encode_pair, greedy, teacher_forced
+from knowedit.guards import GuardBuilder
+from knowedit.inference import PromptError, encode_pair, greedy, teacher_forced
 from knowedit.ledger import (
     APPLY_KINDS,
     Event,
@@ -39,9 +40,7 @@ from knowedit.stats import SlotStats
 from knowedit.update import (
     EditOptions,
     Guards,
-    Selection,
     final_layer_rows,
-    final_selection,
     optimise_rows,
     uses_final_pool_only,
 )
@@ -153,25 +152,56 @@ class Editor:
         self.codec = ck.codec
         self.ledger = ledger
         self.ledger_url = ledger_url if ledger_url is not None else (ledger.url if ledger is not None else str(ck.path / LEDGER_FILE))
-        self.stats = stats
-        self.docs = docs
+        self._stats = stats
+        self._docs = docs
         self.author = author
-        self.background = background
-        """How the background statistics were had: ``loaded``, ``built``, ``rebuilt``, ``memory`` or ``none``."""
+        self._background = background
+        self._load_background: Callable[[], tuple[SlotStats | None, list[Example], str]] | None = None
         self.search = KeySearch(self.model)
         self.pools = {p.name: p.values for p in self.model.pools.values()}
         self.base = {name: v.detach().clone() for name, v in self.pools.items()}
         self._applies: dict[str, Event] = {}
         self._live: dict[str, Event] = {}
         self._reads: dict[str, dict[str, set[int]]] = {}
-        self._freads: dict[str, list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-        self._bg: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._bg_sel: Selection | None = None
+        self._guards: GuardBuilder | None = None
         self._seq = 0
         self._learning: LearningSession | None = None
         self.wait_s = 60.0
         if self.ledger is not None:
             self._sync(self.ledger.events())
+
+    # ------------------------------------------------------------ background
+    def _ensure_background(self) -> None:
+        if self._load_background is not None:
+            load, self._load_background = self._load_background, None
+            self._stats, self._docs, self._background = load()
+
+    @property
+    def stats(self) -> SlotStats | None:
+        """The background slot statistics (loaded, or built, when first needed)."""
+        self._ensure_background()
+        return self._stats
+
+    @property
+    def docs(self) -> list[Example]:
+        """The background documents the statistics count (the training corpus)."""
+        self._ensure_background()
+        return self._docs
+
+    @property
+    def background(self) -> str:
+        """How the background statistics were had: ``loaded``, ``built``, ``rebuilt``,
+        ``memory`` (computed, not stored: the directory is not writable, or the
+        editor was opened ``read_only``) or ``none``."""
+        self._ensure_background()
+        return self._background
+
+    @property
+    def guards(self) -> GuardBuilder:
+        """Guard construction for last-layer edits, with its caches."""
+        if self._guards is None:
+            self._guards = GuardBuilder(self.model, self.codec, self.stats, self.docs)
+        return self._guards
 
     # ------------------------------------------------------------------ open
     @classmethod
@@ -182,6 +212,7 @@ class Editor:
         device: str = "cpu",
         author: str | None = None,
         wait_s: float | None = None,
+        read_only: bool = False,
     ) -> Editor:
         """Open a checkpoint directory for editing and replay its ledger.
 
@@ -195,10 +226,16 @@ class Editor:
                 (default: ``KNOWEDIT_LEDGER_WAIT_S`` or 60 s); then it fails with
                 :class:`~knowedit.ledger.LedgerBusy` and changes nothing.
 
-        If the directory has no ``slot_stats.safetensors`` but has its training
-        corpus, background statistics are computed and stored first (what
-        ``knowedit stats`` does); a damaged pair is rebuilt, or refused naming
-        the file (:func:`knowedit.side_files.load_background`).
+            read_only: never write the directory: background statistics that
+                are missing are computed in memory, not stored (``ask`` and
+                ``locate`` open this way).
+
+        The background statistics are read when first needed (an edit or a
+        locate; ``ask`` never needs them). If the directory has no
+        ``slot_stats.safetensors`` but has its training corpus, they are
+        computed then and stored (what ``knowedit stats`` does; not with
+        ``read_only``); a damaged pair is rebuilt, or refused naming the file
+        (:func:`knowedit.side_files.load_background`).
 
         Raises:
             CheckpointError, SideFileError, LedgerError, EditError: the message names the problem.
@@ -217,14 +254,14 @@ class Editor:
         except LedgerMissing:
             led = None
         try:
-            stats, docs, how = load_background(ck)
-            ed = cls(ck, led, stats, docs, author, ledger_url=url, background=how)
-            ed.wait_s = wait
-            return ed
+            ed = cls(ck, led, None, [], author, ledger_url=url, background="none")
         except BaseException:
             if led is not None:
                 led.close()
             raise
+        ed._load_background = lambda: load_background(ck, persist=not read_only)
+        ed.wait_s = wait
+        return ed
 
     def close(self) -> None:
         if self.ledger is not None:
@@ -254,9 +291,7 @@ class Editor:
     # ----------------------------------------------------------- live state
     def _drop_caches(self) -> None:
         """The residual stream before the last memory layer may have changed."""
-        self._bg = None
-        self._bg_sel = None
-        self._freads.clear()
+        self.guards.invalidate()
         self._reads.clear()
 
     def _write(self, rows: list[RowChange], which: str, event: str = "") -> None:
@@ -284,6 +319,7 @@ class Editor:
             else:
                 self._write(self._applies[ev.edit_id].rows, "before", f"the revert of {ev.edit_id}")
                 self._live.pop(ev.edit_id, None)
+                self.guards.live.discard(ev.edit_id)
             self._seq = ev.seq
 
     def _owned(self) -> dict[str, dict[int, str]]:
@@ -425,6 +461,7 @@ class Editor:
         if req.subject is not None and req.subject not in req.prompt:
             raise EditError(f"subject {req.subject!r} does not occur in the prompt")
         self._check(req)
+        self._ensure_background()  # before any write: a damaged side file fails here
         pre: _Attempt | None = None
         if self._reader_ledger() is None:
             # No ledger yet: compute first, so that a failed edit does not create one.
@@ -493,7 +530,7 @@ class Editor:
         final_only = opts.layers == "last" and uses_final_pool_only(self.model, set(chosen))
         if final_only:
             pool, ids = next(iter(chosen.items()))
-            guards = self._final_guards(pool, ids, {e.prompt for e in examples})
+            guards = self._final_guards(pool, ids, {e.prompt for e in examples}, opts.guard_reads)
             res = final_layer_rows(self.model, self.codec, examples, ids, guards, opts)
             n_guard = guards.x_mid.shape[0]
         else:
@@ -558,98 +595,19 @@ class Editor:
                     cur.weight += sc.weight
         return sorted(total.values(), key=lambda x: (-x.score, x.pool, x.slot))
 
-    def _background(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Residual stream before the last memory layer at every background answer
-        position: (M, C) rows, and per document its first row and first answer position.
-
-        Edits of the last layer's pool never change it, so it is computed once;
-        an edit of any other pool drops it (see :meth:`_write`).
-        """
-        if self._bg is None:
-            xs, first_row, first_pos, n = [], [], [], 0
-            with torch.no_grad():
-                for s in range(0, len(self.docs), 256):
-                    b = encode_examples(self.codec, self.docs[s : s + 256], self.model.cfg.max_seq_len)
-                    b = b.to(next(self.model.parameters()).device)
-                    x = self.model.residual_before_final_ffn(b.ids)
-                    for i in range(b.ids.shape[0]):
-                        st, ln = int(b.answer_start[i]), int(b.answer_len[i])
-                        xs.append(x[i, st : st + ln])
-                        first_row.append(n)
-                        first_pos.append(st)
-                        n += ln
-            self._bg = (torch.cat(xs), torch.tensor(first_row), torch.tensor(first_pos))
-        return self._bg
-
-    def _background_selection(self) -> Selection:
-        """What the last memory layer reads at every background answer position
-        (fixed while only that layer's values change; dropped with :meth:`_background`)."""
-        if self._bg_sel is None:
-            self._bg_sel = final_selection(self.model, self._background()[0])
-        return self._bg_sel
-
-    def _final_guards(self, pool: str, slots: torch.Tensor, editing: set[str]) -> Guards:
-        """Every position that reads ``slots`` in the last memory layer, except the
-        documents being edited: background answer positions (from the slot
-        statistics) and the live edits' answer positions."""
-        xs, ws, sels = [], [], []
-        n_bg = 0
-        if self.stats is not None and pool in self.stats.inv_ptr and self.docs:
-            col, doc, pos, w = self.stats.reads(pool, slots)
-            if col.numel():
-                keep = torch.tensor([self.docs[d].prompt not in editing for d in doc.tolist()], dtype=torch.bool)
-                col, doc, pos, w = col[keep], doc[keep], pos[keep], w[keep]
-                x_all, first_row, first_pos = self._background()
-                row = first_row[doc] + pos - first_pos[doc]
-                uniq, inv = torch.unique(row, return_inverse=True)
-                a = torch.zeros(uniq.numel(), slots.numel())
-                a.index_put_((inv, col), w.float(), accumulate=True)
-                xs.append(x_all[uniq])
-                ws.append(a)
-                sels.append(tuple(None if t is None else t[uniq] for t in self._background_selection()))
-                n_bg = uniq.numel()
-        for ev in self._live.values():
-            for prompt, x, r_slots, r_w in self._final_reads(ev):
-                if prompt in editing:  # a re-edit of the same prompt replaces it
-                    continue
-                hit = torch.searchsorted(slots, r_slots).clamp_(max=slots.numel() - 1)
-                m = slots[hit] == r_slots
-                if m.any():
-                    a = torch.zeros(1, slots.numel())
-                    a[0].index_put_((hit[m],), r_w[m], accumulate=True)
-                    xs.append(x[None])
-                    ws.append(a)
-        C = self.model.cfg.d_model
-        x_mid = torch.cat(xs) if xs else torch.zeros(0, C)
-        if x_mid.shape[0] > n_bg:  # the live edits' positions
-            sels.append(final_selection(self.model, x_mid[n_bg:]))
-        selection = None
-        if sels:
-            selection = tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*sels))
-        return Guards(x_mid, torch.cat(ws) if ws else torch.zeros(0, slots.numel()), selection)  # type: ignore[arg-type]
-
-    def _final_reads(self, ev: Event) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per answer position of a live edit (and its co-edited phrasings): the
-        prompt, the residual before the last memory layer, and the (slots,
-        weights) that layer reads."""
-        if ev.edit_id not in self._freads:
-            final = self.model.final_memory()
-            out = []
-            if final is not None and ev.kind == "apply":  # a learn event has no prompt to guard
-                target = ev.request["target_new"]
-                for prompt in [ev.request["prompt"], *ev.metrics.get("cophrases", [])]:
-                    b = encode_examples(self.codec, [Example(prompt, target)], self.model.cfg.max_seq_len)
-                    b = b.to(next(self.model.parameters()).device)
-                    trace: list = []
-                    with torch.no_grad():
-                        self.model(b.ids, trace=trace)
-                        x = self.model.residual_before_final_ffn(b.ids)
-                    tr = next(t for t in trace if t.layer == final.layer)
-                    st, ln = int(b.answer_start[0]), int(b.answer_len[0])
-                    for p in range(st, st + ln):
-                        out.append((prompt.strip(), x[0, p], tr.slots[0, p].flatten().cpu(), tr.weights[0, p].flatten().cpu().float()))
-            self._freads[ev.edit_id] = out
-        return self._freads[ev.edit_id]
+    def _final_guards(self, pool: str, slots: torch.Tensor, editing: set[str], per_slot: int | None = None) -> Guards:
+        """Positions that read ``slots`` in the last memory layer, except the
+        documents being edited: each slot's ``per_slot`` strongest background
+        readers (default: :attr:`EditOptions.guard_reads`) and every live
+        edit's answer positions (see :class:`knowedit.guards.GuardBuilder`)."""
+        live = {eid for eid, ev in self._live.items() if ev.kind == "apply"}  # a learn event has no prompt to guard
+        for eid in live:
+            if eid not in self.guards.live:
+                ev = self._live[eid]
+                prompts = [ev.request["prompt"], *ev.metrics.get("cophrases", [])]
+                self.guards.live.add(eid, self.guards.edit_reads(prompts, ev.request["target_new"]))
+        k = EditOptions().guard_reads if per_slot is None else per_slot
+        return self.guards.build(pool, slots, editing, k, live)
 
     def edit_many(
         self,
@@ -833,6 +791,7 @@ class Editor:
         for ev, rev in zip(order, appended):
             self._write(ev.rows, "before")
             self._live.pop(ev.edit_id, None)
+            self.guards.live.discard(ev.edit_id)
             self._seq = rev.seq
 
     # ------------------------------------------------------------ learning

@@ -147,8 +147,9 @@ def _stored_problem(ck: Checkpoint) -> str | tuple[SlotStats, list[Example]]:
     return stats, docs
 
 
-def load_background(ck: Checkpoint) -> tuple[SlotStats | None, list[Example], str]:
-    """The checkpoint's background statistics and documents, built or rebuilt as needed.
+def load_background(ck: Checkpoint, persist: bool = True) -> tuple[SlotStats | None, list[Example], str]:
+    """The checkpoint's background statistics and documents, built or rebuilt as needed
+    (and stored, unless ``persist`` is False).
 
     Returns:
         ``(stats, docs, status)``; status is ``loaded`` (stored and intact),
@@ -176,6 +177,8 @@ def load_background(ck: Checkpoint) -> tuple[SlotStats | None, list[Example], st
         return None, [], "none"
     docs = read_docs(corpus)
     stats = compute_slot_stats(ck.model, ck.codec, docs)
+    if not persist:
+        return stats, docs, "memory"
     try:
         save_stats(ck, stats, docs)
     except OSError:

@@ -89,10 +89,13 @@ def test_cached_selection_gives_the_same_edit(setup) -> None:
     assert guards.selection is not None
     fresh = final_selection(ed.model, guards.x_mid)
     chunked = final_selection(ed.model, guards.x_mid, chunk=97)
+    # Slot ids exactly; weights and gates up to the last bits a batch size can move
+    # (the cache computes them a few documents at a time).
     for cached, recomputed, in_chunks in zip(guards.selection, fresh, chunked):
         if cached is not None:
-            assert torch.equal(cached, recomputed)
-            assert torch.equal(in_chunks, recomputed)
+            same = torch.equal if cached.dtype == torch.long else lambda a, b: torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+            assert same(cached, recomputed)
+            assert same(in_chunks, recomputed)
     opts = EditOptions()
     a = final_layer_rows(ed.model, ed.codec, [ex], slots, guards, opts)
     b = final_layer_rows(ed.model, ed.codec, [ex], slots, replace(guards, selection=None), opts)

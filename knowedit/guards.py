@@ -1,0 +1,294 @@
+"""Guards of last-layer edits: the positions whose answers an edit must keep.
+
+An edit of the last memory layer changes a few value rows. Every position that
+reads one of them (a background fact's answer token, or a live edit's) could
+change its answer, so the optimiser keeps them: these are its *guards*.
+
+:class:`GuardBuilder` owns their construction and every cache it needs:
+
+- the background readers come from the slot statistics' inverted index, and
+  each chosen slot contributes at most ``per_slot`` of them, its strongest by
+  read weight, so an edit's cost is bounded by ``top_t x per_slot`` positions,
+  whatever the size of the corpus;
+- the residual stream before the last memory layer, and that layer's
+  selection there, are computed per background document when first needed and
+  kept in a bounded buffer (:class:`BackgroundCache`), never for the whole
+  corpus at once;
+- the live edits' answer positions are kept as flat tensors, so finding the
+  ones that read the chosen slots is one vectorised test however many edits
+  are live.
+
+Everything here depends only on weights upstream of the last memory layer and
+on that layer's keys. Writes to the last pool's values leave it valid; a write
+to any other pool calls :meth:`GuardBuilder.invalidate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from knowedit.data.records import Example
+from knowedit.inference import encode_examples
+from knowedit.model import MemoryLM
+from knowedit.stats import SlotStats
+from knowedit.tokenizer import TextCodec
+from knowedit.update import Guards, Selection, final_selection
+
+DEFAULT_CACHE_ROWS = 1 << 18
+"""Background positions whose residual stream is kept (about 130 MB at width 128)."""
+
+
+def strongest_reads(
+    col: torch.Tensor, doc: torch.Tensor, pos: torch.Tensor, w: torch.Tensor, per_slot: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep, for each column (slot), its ``per_slot`` reads of largest weight (all if ``per_slot`` is 0).
+
+    Ties are broken by the reads' order, so the choice is deterministic.
+    """
+    if per_slot <= 0 or col.numel() == 0:
+        return col, doc, pos, w
+    by_w = torch.sort(w, descending=True, stable=True).indices
+    order = by_w[torch.sort(col[by_w], stable=True).indices]  # by column, heaviest first
+    c = col[order]
+    counts = torch.bincount(c)
+    starts = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    keep = order[(torch.arange(c.numel()) - starts) < per_slot]
+    keep = torch.sort(keep).values  # back in the index's order
+    return col[keep], doc[keep], pos[keep], w[keep]
+
+
+class BackgroundCache:
+    """The last memory layer's input at background answer positions, per document on demand.
+
+    Rows live in growable buffers: ``x`` (residual stream before the last
+    memory layer), ``ids``/``w`` (the slots that layer reads there and their
+    weights) and ``gate`` (its value gate, or None). ``max_rows`` bounds them:
+    when a request would overflow, the buffers start afresh (a request larger
+    than the bound is still served whole).
+    """
+
+    def __init__(self, model: MemoryLM, codec: TextCodec, docs: Sequence[Example], max_rows: int = DEFAULT_CACHE_ROWS) -> None:
+        self.model, self.codec, self.docs = model, codec, docs
+        self.max_rows = max_rows
+        self.clear()
+
+    def clear(self) -> None:
+        n = len(self.docs)
+        self.row0 = torch.full((n,), -1, dtype=torch.long)
+        """Per document: its first row in the buffers, or -1 if not computed."""
+        self.start = torch.zeros(n, dtype=torch.long)
+        """Per document: the position of its first answer token."""
+        self.size = 0
+        self.x: torch.Tensor | None = None
+        self.ids: torch.Tensor | None = None
+        self.w: torch.Tensor | None = None
+        self.gate: torch.Tensor | None = None
+
+    def rows(self, doc: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Buffer rows of answer positions ``pos`` of documents ``doc`` (computing what is missing)."""
+        need = torch.unique(doc)
+        missing = need[self.row0[need] < 0]
+        if missing.numel():
+            lengths = self._answer_lengths(missing)
+            if self.size + int(lengths.sum()) > self.max_rows and self.size:
+                self.clear()
+                missing = need
+            self._compute(missing)
+        return self.row0[doc] + pos - self.start[doc]
+
+    def _answer_lengths(self, docs: torch.Tensor) -> torch.Tensor:
+        # Upper bound without tokenising twice: the answer's characters + eos.
+        return torch.tensor([len(self.docs[d].answer) + 2 for d in docs.tolist()], dtype=torch.long)
+
+    @torch.no_grad()
+    def _compute(self, docs: torch.Tensor, batch: int = 256) -> None:
+        device = next(self.model.parameters()).device
+        ids = docs.tolist()
+        for s in range(0, len(ids), batch):
+            chunk = ids[s : s + batch]
+            b = encode_examples(self.codec, [self.docs[d] for d in chunk], self.model.cfg.max_seq_len).to(device)
+            x = self.model.residual_before_final_ffn(b.ids)
+            parts, row = [], self.size
+            for i, d in enumerate(chunk):
+                st, ln = int(b.answer_start[i]), int(b.answer_len[i])
+                self.row0[d] = row
+                self.start[d] = st
+                parts.append(x[i, st : st + ln])
+                row += ln
+            xs = torch.cat(parts)
+            sel_ids, sel_w, sel_gate = final_selection(self.model, xs)
+            self._append(xs, sel_ids, sel_w, sel_gate)
+
+    def _append(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate: torch.Tensor | None) -> None:
+        n = x.shape[0]
+        if self.x is None or self.size + n > self.x.shape[0]:
+            cap = max(1024, 2 * (self.size + n))
+            self.x = _grow(self.x, cap, x, self.size)
+            self.ids = _grow(self.ids, cap, ids, self.size)
+            self.w = _grow(self.w, cap, w, self.size)
+            self.gate = None if gate is None else _grow(self.gate, cap, gate, self.size)
+        assert self.ids is not None and self.w is not None
+        self.x[self.size : self.size + n] = x
+        self.ids[self.size : self.size + n] = ids
+        self.w[self.size : self.size + n] = w
+        if gate is not None:
+            assert self.gate is not None
+            self.gate[self.size : self.size + n] = gate
+        self.size += n
+
+    def selection(self, rows: torch.Tensor) -> Selection:
+        assert self.ids is not None and self.w is not None
+        return self.ids[rows], self.w[rows], None if self.gate is None else self.gate[rows]
+
+
+def _grow(buf: torch.Tensor | None, cap: int, like: torch.Tensor, used: int) -> torch.Tensor:
+    out = torch.empty((cap, *like.shape[1:]), dtype=like.dtype, device=like.device)
+    if buf is not None and used:
+        out[:used] = buf[:used]
+    return out
+
+
+class LiveReads:
+    """The live edits' answer positions in the last memory layer, as flat tensors.
+
+    Per position: the edit's id and prompt, the residual stream before the last
+    memory layer, and the (slots, weights) that layer reads there.
+    """
+
+    def __init__(self) -> None:
+        self._per_edit: dict[str, list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self._flat: tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def __contains__(self, edit_id: str) -> bool:
+        return edit_id in self._per_edit
+
+    def add(self, edit_id: str, reads: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        self._per_edit[edit_id] = reads
+        self._flat = None
+
+    def discard(self, edit_id: str) -> None:
+        if self._per_edit.pop(edit_id, None) is not None:
+            self._flat = None
+
+    def clear(self) -> None:
+        self._per_edit.clear()
+        self._flat = None
+
+    def reading(self, slots: torch.Tensor, width: int, live: set[str]) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Positions of edits in ``live`` that read any of ``slots`` (sorted):
+        their prompts, residuals (n, C), read slots and weights (n, H*k)."""
+        if self._flat is None:
+            prompts, xs, ss, ws = [], [], [], []
+            for eid, reads in self._per_edit.items():
+                for prompt, x, s, w in reads:
+                    prompts.append((eid, prompt))
+                    xs.append(x)
+                    ss.append(s)
+                    ws.append(w)
+            if xs:
+                self._flat = (prompts, torch.stack(xs), torch.stack(ss), torch.stack(ws))  # type: ignore[assignment]
+            else:
+                e = torch.zeros(0, 0)
+                self._flat = ([], torch.zeros(0, width), e.long(), e)
+        owners, x, s, w = self._flat  # type: ignore[misc]
+        if not owners:
+            return [], x, s, w
+        hit = torch.isin(s, slots).any(1)
+        hit &= torch.tensor([eid in live for eid, _ in owners], dtype=torch.bool)  # type: ignore[misc]
+        idx = torch.nonzero(hit).flatten()
+        return [owners[i][1] for i in idx.tolist()], x[idx], s[idx], w[idx]  # type: ignore[index]
+
+
+class GuardBuilder:
+    """Builds :class:`~knowedit.update.Guards` for an edit of the last memory layer."""
+
+    def __init__(
+        self, model: MemoryLM, codec: TextCodec, stats: SlotStats | None, docs: Sequence[Example],
+        cache_rows: int = DEFAULT_CACHE_ROWS,
+    ) -> None:
+        self.model, self.codec, self.stats, self.docs = model, codec, stats, docs
+        self.background = BackgroundCache(model, codec, docs, cache_rows)
+        self.live = LiveReads()
+        self._by_prompt: dict[str, list[int]] | None = None
+
+    def _docs_of(self, prompt: str) -> list[int]:
+        """Background documents with this prompt."""
+        if self._by_prompt is None:
+            self._by_prompt = {}
+            for i, d in enumerate(self.docs):
+                self._by_prompt.setdefault(d.prompt, []).append(i)
+        return self._by_prompt.get(prompt, [])
+
+    def invalidate(self) -> None:
+        """Weights upstream of the last memory layer changed: drop every cache."""
+        self.background.clear()
+        self.live.clear()
+
+    @torch.no_grad()
+    def edit_reads(self, prompts: Sequence[str], target: str) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per answer position of ``target`` after each prompt: the prompt, the residual
+        before the last memory layer, and the (slots, weights) that layer reads."""
+        final = self.model.final_memory()
+        if final is None:
+            return []
+        b = encode_examples(self.codec, [Example(p, target) for p in prompts], self.model.cfg.max_seq_len)
+        b = b.to(next(self.model.parameters()).device)
+        x = self.model.residual_before_final_ffn(b.ids)
+        out = []
+        for i, prompt in enumerate(prompts):
+            st, ln = int(b.answer_start[i]), int(b.answer_len[i])
+            ids, w, _ = final_selection(self.model, x[i, st : st + ln])
+            for j in range(ln):
+                out.append((prompt.strip(), x[i, st + j], ids[j].cpu(), w[j].cpu().float()))
+        return out
+
+    def build(self, pool: str, slots: torch.Tensor, editing: set[str], per_slot: int, live: set[str]) -> Guards:
+        """Guards for changing rows ``slots`` (sorted) of the last layer's ``pool``.
+
+        Args:
+            pool: the last memory layer's pool.
+            slots: (t,) sorted slot ids.
+            editing: prompts being edited (their positions are not guarded).
+            per_slot: background readers per slot, strongest first (0: all).
+            live: ids of the live edits (their positions read via :attr:`live`).
+        """
+        C = self.model.cfg.d_model
+        xs, ws, sels = [], [], []
+        n_bg = 0
+        if self.stats is not None and pool in self.stats.inv_ptr and self.docs:
+            col, doc, pos, w = self.stats.reads(pool, slots)
+            if col.numel() and editing:
+                mine = torch.tensor([d for p in editing for d in self._docs_of(p)], dtype=torch.long)
+                keep = ~torch.isin(doc, mine)
+                col, doc, pos, w = col[keep], doc[keep], pos[keep], w[keep]
+            col, doc, pos, w = strongest_reads(col, doc, pos, w, per_slot)
+            if col.numel():
+                row = self.background.rows(doc, pos)
+                uniq, inv = torch.unique(row, return_inverse=True)
+                a = torch.zeros(uniq.numel(), slots.numel())
+                a.index_put_((inv, col), w.float(), accumulate=True)
+                assert self.background.x is not None
+                xs.append(self.background.x[uniq])
+                ws.append(a)
+                sels.append(self.background.selection(uniq))
+                n_bg = uniq.numel()
+        prompts, lx, ls, lw = self.live.reading(slots, C, live)
+        keep_live = [i for i, p in enumerate(prompts) if p not in editing]  # a re-edit of the same prompt replaces it
+        if keep_live:
+            idx = torch.tensor(keep_live)
+            lx, ls, lw = lx[idx], ls[idx], lw[idx]
+            hit = torch.searchsorted(slots, ls).clamp_(max=slots.numel() - 1)
+            m = slots[hit] == ls
+            a = torch.zeros(idx.numel(), slots.numel())
+            a.scatter_add_(1, hit, lw * m)
+            xs.append(lx)
+            ws.append(a)
+        x_mid = torch.cat(xs) if xs else torch.zeros(0, C)
+        if x_mid.shape[0] > n_bg:  # the live edits' positions
+            sels.append(final_selection(self.model, x_mid[n_bg:]))
+        selection = None
+        if sels:
+            selection = tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*sels))
+        return Guards(x_mid, torch.cat(ws) if ws else torch.zeros(0, slots.numel()), selection)  # type: ignore[arg-type]

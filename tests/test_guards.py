@@ -1,0 +1,88 @@
+"""Bounded guards for last-layer edits (knowedit.guards)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from knowedit.data import Example, load_records
+from knowedit.editor import Editor
+from knowedit.guards import BackgroundCache, strongest_reads
+from knowedit.inference import encode_examples
+from knowedit.locate import slots_by_pool
+from knowedit.update import EditOptions, final_selection
+
+
+def test_strongest_reads_keeps_the_heaviest_per_slot() -> None:
+    col = torch.tensor([0, 0, 0, 1, 1, 2, 0])
+    doc = torch.arange(7)
+    pos = torch.arange(7) + 10
+    w = torch.tensor([0.1, 0.5, 0.3, 0.2, 0.9, 0.4, 0.5])
+    c, d, p, ww = strongest_reads(col, doc, pos, w, 2)
+    # slot 0: weights 0.5 (doc 1) and 0.5 (doc 6) beat 0.3 and 0.1; ties keep index order
+    assert sorted(zip(c.tolist(), d.tolist())) == [(0, 1), (0, 6), (1, 3), (1, 4), (2, 5)]
+    assert torch.equal(p, d + 10) and torch.equal(ww, w[d])
+    # 0 keeps every read, in order
+    assert all(torch.equal(a, b) for a, b in zip(strongest_reads(col, doc, pos, w, 0), (col, doc, pos, w)))
+    c1, d1, _, _ = strongest_reads(col, doc, pos, w, 1)
+    assert sorted(zip(c1.tolist(), d1.tolist())) == [(0, 1), (1, 4), (2, 5)]
+
+
+@pytest.fixture()
+def editor(tiny_ckpt: Path, tmp_path: Path):
+    out = tmp_path / "model"
+    shutil.copytree(tiny_ckpt, out, ignore=shutil.ignore_patterns("ledger.db*"))
+    ed = Editor.open(out)
+    yield ed
+    ed.close()
+
+
+def test_background_cache_matches_a_fresh_forward_and_respects_its_bound(editor: Editor) -> None:
+    docs = editor.docs
+    cache = BackgroundCache(editor.model, editor.codec, docs, max_rows=40)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):  # later rounds overflow the 40-row bound: the cache starts afresh
+        pick = torch.randperm(len(docs), generator=gen)[:12]
+        b = encode_examples(editor.codec, [docs[d] for d in pick.tolist()], editor.model.cfg.max_seq_len)
+        doc = torch.repeat_interleave(pick, b.answer_len)
+        pos = torch.cat([torch.arange(int(s), int(s + n)) for s, n in zip(b.answer_start, b.answer_len)])
+        rows = cache.rows(doc, pos)
+        with torch.no_grad():
+            x = editor.model.residual_before_final_ffn(b.ids)
+        expect = torch.cat([x[i, int(s) : int(s + n)] for i, (s, n) in enumerate(zip(b.answer_start, b.answer_len))])
+        assert cache.x is not None
+        assert torch.allclose(cache.x[rows], expect, atol=1e-5)
+        ids, w, _ = cache.selection(rows)
+        ref_ids, ref_w, _ = final_selection(editor.model, expect)
+        assert torch.equal(ids, ref_ids) and torch.allclose(w, ref_w, atol=1e-5)
+        assert cache.size <= max(40, int(b.answer_len.sum()))
+
+
+def test_guard_budget_bounds_the_guards_and_zero_guards_every_reader(editor: Editor) -> None:
+    req = load_records(editor.ck.path / "edits.jsonl")[0]
+    ex = Example(req.prompt, req.target_new)
+    ranked = editor._locate_all([ex], req.subject, EditOptions())
+    pool, slots = next(iter(slots_by_pool(ranked[:64]).items()))
+    assert editor.stats is not None
+    _, doc, pos, _ = editor.stats.reads(pool, slots)
+    keep = torch.tensor([editor.docs[d].prompt != ex.prompt for d in doc.tolist()])
+    every_position = {(d, p) for d, p, k in zip(doc.tolist(), pos.tolist(), keep.tolist()) if k}
+    full = editor._final_guards(pool, slots, {ex.prompt}, 0)
+    assert full.x_mid.shape[0] == len(every_position) > 0
+    for k in (1, 4):
+        bounded = editor._final_guards(pool, slots, {ex.prompt}, k)
+        assert 0 < bounded.x_mid.shape[0] <= k * slots.numel()
+        # every chosen slot that has readers keeps its strongest one
+        heaviest = bounded.weights.max(0).values
+        assert torch.allclose(heaviest, full.weights.max(0).values)
+
+
+def test_a_bounded_edit_keeps_its_guards(editor: Editor) -> None:
+    req = load_records(editor.ck.path / "edits.jsonl")[1]
+    rec = editor.edit(req.prompt, req.target_new, subject=req.subject, guard_reads=8)
+    assert rec.metrics["success"] and rec.metrics["guard_flips"] == 0
+    assert 0 < rec.metrics["guards"] <= 8 * 64  # no live edit yet: background readers only
+    assert editor.verify() == []
