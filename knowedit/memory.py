@@ -10,7 +10,9 @@ that every head (and, with a shared pool, every memory layer) reads.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -73,10 +75,127 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
+# Elements of one (rows, H, 2, n_keys) chunk of sub-key scores: 8 MiB in fp32, below glibc's
+# largest mmap threshold (32 MiB), so the chunk buffers are reused instead of page-faulted in
+# on every call, and a chunk's scores are still in cache when top-k reads them.
+_SCORE_CHUNK_ELEMS = 1 << 21
+_FAST_DTYPES = (torch.float32, torch.float64)
+# Up to this many half keys per table the score gradient is scattered into a dense
+# (R, H, 2, n_keys) tensor and multiplied out (two small bmm: fastest while n_keys is
+# small); above it the backward touches only the selected keys (no O(n_keys) work).
+_DENSE_SCORE_GRAD_MAX_KEYS = 256
+
+
+@functools.lru_cache(maxsize=64)
+def _pair_ranks(kk: int, k: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranks ``(a, b)`` of the candidate pairs that can be among the top ``k``.
+
+    With both sub-key lists sorted, pair ``(a, b)`` is dominated by every ``(a', b')`` with
+    ``a' <= a, b' <= b``: ``(a + 1)(b + 1) - 1`` pairs score at least as high, so only pairs
+    with ``(a + 1)(b + 1) <= k`` can make the top ``k`` (119 of 1,024 for k = 32).
+    """
+    a, b = zip(*[(i, j) for i in range(kk) for j in range(kk) if (i + 1) * (j + 1) <= k])
+    return (
+        torch.tensor(a, dtype=torch.int64, device=device),
+        torch.tensor(b, dtype=torch.int64, device=device),
+    )
+
+
+class _SubKeyTopk(torch.autograd.Function):
+    """Top-``kk`` sub-key scores of both halves, chunked, with a sparse backward.
+
+    Forward scores a chunk of rows against all half keys and keeps the top ``kk``; the
+    (R, H, 2, n_keys) score tensor never exists whole. Above
+    ``_DENSE_SCORE_GRAD_MAX_KEYS`` the backward touches only the selected keys:
+    ``dq = sum_j g_j K[id_j]`` is a weighted gather-sum (``embedding_bag``) and
+    ``dK[id] = sum g q`` its transpose (:func:`knowedit.kernels.lookup.scatter_rows`),
+    instead of two dense (R*H*2, n_keys) x (n_keys, half) matmuls over a mostly-zero grad.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, q: torch.Tensor, keys: torch.Tensor, kk: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r, h, _, _ = q.shape  # (R, H, 2, half)
+        n = keys.shape[2]  # keys: (H, 2, n, half)
+        vals = q.new_empty(r, h, 2, kk)
+        ids = torch.empty(r, h, 2, kk, dtype=torch.int64, device=q.device)
+        step = max(1, _SCORE_CHUNK_ELEMS // (h * 2 * n))
+        for s in range(0, r, step):
+            scores = torch.einsum("rhpd,hpnd->rhpn", q[s : s + step], keys)  # (c, H, 2, n)
+            torch.topk(scores, kk, dim=-1, out=(vals[s : s + step], ids[s : s + step]))
+        ctx.save_for_backward(q, keys, ids)
+        ctx.mark_non_differentiable(ids)
+        return vals, ids
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_vals: torch.Tensor, _grad_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        from knowedit.kernels.lookup import scatter_rows
+
+        q, keys, ids = ctx.saved_tensors
+        r, h, _, half = q.shape
+        n, kk = keys.shape[2], ids.shape[-1]
+        grad_vals = grad_vals.to(q.dtype)
+        grad_q = grad_keys = None
+        if n <= _DENSE_SCORE_GRAD_MAX_KEYS:
+            gs = q.new_zeros(r, h, 2, n).scatter_(-1, ids, grad_vals)  # (R, H, 2, n)
+            if ctx.needs_input_grad[0]:
+                grad_q = torch.einsum("rhpn,hpnd->rhpd", gs, keys)
+            if ctx.needs_input_grad[1]:
+                grad_keys = torch.einsum("rhpn,rhpd->hpnd", gs, q)
+            return grad_q, grad_keys, None
+        table = keys.reshape(h * 2 * n, half)  # (H*2*n, half): one row per half key
+        base = torch.arange(h * 2, device=ids.device).view(1, h, 2, 1) * n
+        gid = (ids + base).reshape(r * h * 2, kk)  # row of each selected key in ``table``
+        g = grad_vals.reshape(r * h * 2, kk)
+        if ctx.needs_input_grad[0]:
+            grad_q = F.embedding_bag(gid, table, per_sample_weights=g, mode="sum")
+            grad_q = grad_q.reshape(q.shape)
+        if ctx.needs_input_grad[1]:
+            uniq, rows = scatter_rows(gid, g, q.reshape(r * h * 2, half))
+            grad_keys = table.new_zeros(table.shape).index_copy_(0, uniq, rows)
+            grad_keys = grad_keys.reshape(keys.shape)
+        return grad_q, grad_keys, None
+
+
 def product_topk(
     q: torch.Tensor, keys: torch.Tensor, k: int, n_keys: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k over the ``n_keys ** 2`` product keys of each head.
+
+    Sub-key scoring and top-k run chunked with a sparse backward (:class:`_SubKeyTopk`);
+    only the candidate pairs that can reach the top k are summed (:func:`_pair_ranks`).
+    Same scores as :func:`product_topk_ref`; ids agree except among exactly tied scores.
+
+    Args:
+        q: (..., H, key_dim) queries.
+        keys: (H, 2, n_keys, key_dim // 2) half-key tables.
+        k: slots to return per head.
+        n_keys: half-keys per table.
+
+    Returns:
+        scores (..., H, k) and slot ids (..., H, k), best first.
+    """
+    h, _, _, half = keys.shape
+    lead = q.shape[:-2]
+    if q.dtype not in _FAST_DTYPES or keys.dtype != q.dtype or q.numel() == 0:
+        return product_topk_ref(q, keys, k, n_keys)
+    kk = min(k, n_keys)
+    qf = q.reshape(-1, h, 2, half)  # (R, H, 2, half)
+    v, i = _SubKeyTopk.apply(qf, keys, kk)  # (R, H, 2, kk), best first
+    a, b = _pair_ranks(kk, k, str(q.device))
+    cand = v[:, :, 0].index_select(-1, a) + v[:, :, 1].index_select(-1, b)  # (R, H, P)
+    scores, sel = cand.topk(k, dim=-1)  # (R, H, k)
+    ids = i[:, :, 0].gather(-1, a[sel]) * n_keys + i[:, :, 1].gather(-1, b[sel])
+    return scores.reshape(*lead, h, k), ids.reshape(*lead, h, k)
+
+
+def product_topk_ref(
+    q: torch.Tensor, keys: torch.Tensor, k: int, n_keys: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for :func:`product_topk`: plain autograd over all ``kk * kk`` candidates.
 
     Args:
         q: (..., H, key_dim) queries.
