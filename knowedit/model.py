@@ -164,6 +164,35 @@ class MemoryLM(nn.Module):
         last = self.blocks[-1]
         return x + last.attn(last.norm1(x))
 
+    def final_select(self, x_mid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What the last block's memory layer reads at residuals ``x_mid`` (R, C):
+        slot ids (R, H*k), their weights (R, H*k, float32) and the value gate
+        (R, d_v, float32), or None for an ungated layer.
+
+        With :meth:`residual_before_final_ffn` and :meth:`final_readout` this is
+        :meth:`forward` in three parts, for an editor that changes only that
+        layer's value rows; ``tests/test_model.py`` checks they compose to it.
+        """
+        last = self.blocks[-1]
+        mem = last.ffn
+        if not isinstance(mem, ProductKeyMemory):
+            raise ValueError("the last block has no memory layer")
+        h = last.norm2(x_mid)
+        _, ids, w = mem.select(h)
+        gate = F.silu(mem.gate(h)).float() if mem.gate is not None else None
+        return ids.flatten(-2), w.flatten(-2).float(), gate
+
+    def final_readout(self, x_mid: torch.Tensor, read: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """Final normed hidden states (R, C) from the residuals ``x_mid`` (R, C) and the
+        last memory layer's weighted value read ``read`` (R, d_v) (its
+        :meth:`final_select` gate applied here); :attr:`head` makes them logits."""
+        mem = self.blocks[-1].ffn
+        assert isinstance(mem, ProductKeyMemory)
+        y = read if gate is None else read * gate
+        if mem.out is not None:
+            y = mem.out(y)
+        return self.norm(x_mid + y)
+
     def logits_from_final_ffn(
         self, x_mid: torch.Tensor, patches: dict[str, RowPatch] | None = None
     ) -> torch.Tensor:

@@ -164,17 +164,10 @@ weights (R, H*k) and the value gate (R, d_v), or None for an ungated layer."""
 @torch.no_grad()
 def final_selection(model: MemoryLM, x_mid: torch.Tensor, chunk: int = 8192) -> Selection:
     """What the last block's memory layer reads at positions whose residual stream
-    before it is ``x_mid`` (R, C), ``chunk`` rows at a time (the product-key
-    search's scratch grows with the rows). Fixed while only that layer's values change."""
-    last = model.blocks[-1]
-    mem = last.ffn
-    assert isinstance(mem, ProductKeyMemory)
-    parts = []
-    for s in range(0, max(1, x_mid.shape[0]), chunk):
-        h = last.norm2(x_mid[s : s + chunk])
-        _, ids, w = mem.select(h)
-        gate = F.silu(mem.gate(h)).float() if mem.gate is not None else None
-        parts.append((ids.flatten(-2), w.flatten(-2).float(), gate))
+    before it is ``x_mid`` (R, C) (:meth:`MemoryLM.final_select`), ``chunk`` rows at
+    a time (the product-key search's scratch grows with the rows). Fixed while
+    only that layer's values change."""
+    parts = [model.final_select(x_mid[s : s + chunk]) for s in range(0, max(1, x_mid.shape[0]), chunk)]
     if len(parts) == 1:
         return parts[0]
     ids, w, gate = zip(*parts)
@@ -206,12 +199,8 @@ class _FinalLayer:
         """Final normed hidden states (R', C) at ``rows`` (an index tensor or a slice;
         default all) for a row change ``delta`` (t, d_v)."""
         sel = slice(None) if rows is None else rows
-        y = self.read[sel] + self.A[sel] @ delta
-        if self.gate is not None:
-            y = y * self.gate[sel]
-        if self.mem.out is not None:
-            y = self.mem.out(y)
-        return self.model.norm(self.x[sel] + y)
+        read = self.read[sel] + self.A[sel] @ delta
+        return self.model.final_readout(self.x[sel], read, None if self.gate is None else self.gate[sel])
 
     def __call__(self, delta: torch.Tensor, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
         """Logits (R', V) at ``rows`` (default all) for a row change ``delta`` (t, d_v)."""

@@ -331,3 +331,40 @@ def test_save_overwrites_in_place(
         [MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE]
     )
     shutil.rmtree(out)
+
+
+# --- the last block in parts (what the editor runs) -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "memory", [{}, {"swilu": False}, {"swilu": False, "value_dim": 48}, {"qk_norm": False, "value_dim": 48}]
+)
+def test_last_block_decomposition_equals_forward(cfg: ModelConfig, memory: dict) -> None:
+    """residual_before_final_ffn -> final_select -> value read -> final_readout -> head
+    is forward, and so is the editor's final-layer function at a zero change."""
+    import dataclasses
+
+    from knowedit.memory import lookup
+    from knowedit.update import _FinalLayer
+
+    # Own pools: with a shared pool, a change to the rows would move earlier layers' reads too.
+    c = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, shared_values=False, **memory))
+    model = build_model(c, seed=1).eval()
+    assert model.final_memory() is not None
+    with torch.no_grad():
+        model.pools[model.final_memory().pool.name].values.normal_(0, 0.5)  # far from init, as after training
+        ids = _ids(c, B=3, T=17)
+        want = model(ids).reshape(-1, c.vocab_size)
+        x = model.residual_before_final_ffn(ids).reshape(-1, c.d_model)
+        slots, w, gate = model.final_select(x)
+        mem = model.final_memory()
+        read = lookup(mem.pool.values, slots, w.to(mem.pool.values.dtype), mem.cfg.backend).float()
+        got = model.head(model.final_readout(x, read, gate))
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+        t = torch.unique(slots)
+        run = _FinalLayer(model, x, t)
+        assert torch.allclose(run(torch.zeros(t.numel(), mem.pool.values.shape[1])), want, atol=1e-5, rtol=1e-5)
+        # a change of the read rows moves the logits exactly as a changed value table does
+        delta = 0.1 * torch.randn(t.numel(), mem.pool.values.shape[1], generator=torch.Generator().manual_seed(2))
+        mem.pool.values[t] += delta
+        assert torch.allclose(run(delta), model(ids).reshape(-1, c.vocab_size), atol=1e-4, rtol=1e-4)
