@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import knowedit.memory as memory_mod
 from knowedit.config import MemoryConfig, ModelConfig, model_preset
 from knowedit.memory import (
     MemoryTrace,
@@ -18,6 +19,7 @@ from knowedit.memory import (
     RowPatch,
     ValuePool,
     product_topk,
+    product_topk_ref,
     usage_metrics,
 )
 from knowedit.model import MemoryLM, build_model
@@ -110,6 +112,84 @@ def test_select_rejects_bad_config() -> None:
         ProductKeyMemory(4, MemoryConfig(n_keys=4, heads=1, topk=2, key_dim=3), pool, 0)
     with pytest.raises(ValueError, match="topk"):
         ProductKeyMemory(4, MemoryConfig(n_keys=4, heads=1, topk=17, key_dim=4), pool, 0)
+
+
+# --- fast path against the reference ----------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("backward", ["dense", "sparse"])
+@pytest.mark.parametrize(
+    ("lead", "heads", "n_keys", "half", "k"),
+    [((2, 3), 2, 5, 3, 7), ((37,), 4, 64, 16, 32), ((5,), 1, 3, 2, 9), ((4, 4), 3, 9, 4, 1)],
+)
+def test_product_topk_matches_reference(
+    monkeypatch: pytest.MonkeyPatch,
+    dtype: torch.dtype,
+    backward: str,
+    lead: tuple[int, ...],
+    heads: int,
+    n_keys: int,
+    half: int,
+    k: int,
+) -> None:
+    """Chunked scoring, the candidate-pair pruning and both sub-key backwards (dense
+    scatter + bmm, sparse embedding-bag) give the reference's scores, ids and gradients."""
+    monkeypatch.setattr(memory_mod, "_SCORE_CHUNK_ELEMS", 2 * heads * n_keys)  # 1-row chunks
+    if backward == "sparse":
+        monkeypatch.setattr(memory_mod, "_DENSE_SCORE_GRAD_MAX_KEYS", 0)
+    gen = torch.Generator().manual_seed(n_keys + k)
+    q = torch.randn(*lead, heads, 2 * half, generator=gen, dtype=dtype, requires_grad=True)
+    keys = torch.randn(heads, 2, n_keys, half, generator=gen, dtype=dtype, requires_grad=True)
+    scores, ids = product_topk(q, keys, k, n_keys)
+    ref_scores, ref_ids = product_topk_ref(q, keys, k, n_keys)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(scores, ref_scores)
+    g = torch.randn(scores.shape, generator=gen, dtype=dtype)
+    got = torch.autograd.grad(scores, (q, keys), g)
+    want = torch.autograd.grad(ref_scores, (q, keys), g)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 32, 64])
+@pytest.mark.parametrize("kk", [1, 3, 8, 32])
+def test_pair_ranks_hold_every_possible_top_k_pair(kk: int, k: int) -> None:
+    """Every pair that can be among the top k of a sorted-sum grid is a candidate."""
+    if kk * kk < k:
+        return
+    a, b = memory_mod._pair_ranks(kk, k, "cpu")
+    pairs = set(zip(a.tolist(), b.tolist(), strict=True))
+    assert len(pairs) >= k
+    assert pairs == {(i, j) for i in range(kk) for j in range(kk) if (i + 1) * (j + 1) <= k}
+
+
+@pytest.mark.parametrize("plus", [False, True], ids=["plain", "memory+"])
+@pytest.mark.parametrize("n_keys", [8, 300])
+def test_layer_matches_reference_paths(
+    monkeypatch: pytest.MonkeyPatch, plus: bool, n_keys: int
+) -> None:
+    """The whole layer (fast lookup and top-k) against the reference paths: output and the
+    gradient of every parameter, the value gradient sparse over the same rows."""
+    from knowedit.kernels import memory_lookup_ref
+
+    cfg = MemoryConfig(n_keys=n_keys, heads=2, topk=8, key_dim=16, swilu=plus, qk_norm=plus)
+    torch.manual_seed(0)
+    mem = ProductKeyMemory(12, cfg, ValuePool(n_keys**2, 12), layer=0)
+    x = torch.randn(3, 5, 12)
+    out = mem(x)
+    got = torch.autograd.grad(out.square().sum(), list(mem.parameters()))
+    monkeypatch.setattr(memory_mod, "product_topk", product_topk_ref)
+    monkeypatch.setattr(memory_mod, "lookup", lambda v, i, w, backend: memory_lookup_ref(v, i, w))
+    ref = mem(x)
+    want = torch.autograd.grad(ref.square().sum(), list(mem.parameters()))
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(got, want, strict=True):
+        if a.is_sparse:
+            a, b = a.coalesce(), b.coalesce()
+            assert torch.equal(a.indices(), b.indices())
+            a, b = a.values(), b.values()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 # --- sparse value gradients ------------------------------------------------------------

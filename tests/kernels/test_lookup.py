@@ -7,6 +7,7 @@ so an element a kernel forgot to write fails the comparison.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import pytest
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 
 from knowedit.kernels import lookup, memory_lookup, memory_lookup_ref
 from knowedit.kernels._common import load_triton_module
+from knowedit.kernels.lookup import memory_lookup_bag
 
 from .conftest import INTERPRET, TRITON_DEVICES
 
@@ -308,3 +310,158 @@ def test_cuda_auto_uses_triton_and_matches_ref_at_scale() -> None:
     assert torch.equal(gv.indices(), rv.indices())
     assert rel_err(gv.values().float(), rv.values().float()) < 1e-2
     assert rel_err(gw, rw) < 1e-2
+
+
+# --------------------------------------------------------------------------- embedding-bag path
+# ``memory_lookup_bag`` is the torch backend's fast path (fp32/fp64); every test compares it
+# with the dense fp64 reference and with ``memory_lookup_ref``.
+
+lookup_mod = importlib.import_module("knowedit.kernels.lookup")
+
+
+def check_bag_matches_ref(
+    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> None:
+    """Bag and reference agree on the output and both gradients (same sparse layout)."""
+    g = torch.randn(*indices.shape[:-1], values.shape[1], dtype=values.dtype)
+    out = memory_lookup_bag(values, indices, weights)
+    ref = memory_lookup_ref(values, indices, weights)
+    tol = TOL[values.dtype]
+    assert rel_err(out, ref) < tol
+    gv, gw = torch.autograd.grad(out, (values, weights), g)
+    rv, rw = torch.autograd.grad(ref, (values, weights), g)
+    assert torch.equal(gv.indices(), rv.indices())
+    assert rel_err(gv.values(), rv.values()) < tol
+    assert rel_err(gw, rw) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(("lead", "k", "n", "d"), SHAPES)
+def test_bag_parity(dtype: torch.dtype, lead: tuple[int, ...], k: int, n: int, d: int) -> None:
+    inputs = make_inputs(lead, k, n, d, dtype, w_dtype=dtype)
+    check_parity(memory_lookup_bag, *inputs)
+    check_bag_matches_ref(*inputs)
+
+
+@pytest.mark.parametrize(
+    ("lead", "k", "n", "d"),
+    [((4, 256), 128, 4096, 512), ((64,), 128, 1 << 16, 64), ((33,), 32, 100, 7)],
+    ids=["pkm-4K", "pkm-64K", "odd"],
+)
+def test_bag_matches_ref_at_layer_shapes(lead: tuple[int, ...], k: int, n: int, d: int) -> None:
+    check_bag_matches_ref(*make_inputs(lead, k, n, d, torch.float32))
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(
+    lead=st.lists(st.integers(0, 3), min_size=1, max_size=3).map(tuple),
+    k=st.integers(0, 9),
+    n=st.integers(1, 12),
+    d=st.integers(1, 70),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 1000),
+)
+def test_bag_parity_random_shapes(
+    lead: tuple[int, ...], k: int, n: int, d: int, dtype: torch.dtype, seed: int
+) -> None:
+    inputs = make_inputs(lead, k, n, d, dtype, w_dtype=dtype, seed=seed)
+    check_parity(memory_lookup_bag, *inputs, seed=seed)
+
+
+def test_bag_duplicates_within_and_across_bags() -> None:
+    values, _, weights = make_inputs((4,), 5, 8, 12, torch.float32)
+    indices = torch.tensor([[3, 3, 3, 1, 3], [1, 1, 0, 0, 7], [3, 7, 3, 7, 3], [2, 2, 2, 2, 2]])
+    check_parity(memory_lookup_bag, values, indices, weights)
+    check_bag_matches_ref(values, indices, weights)
+
+
+@pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=str)
+def test_bag_empty_batch_and_zero_slots(lead: tuple[int, ...]) -> None:
+    values, indices, weights = make_inputs(lead, 4, 10, 6, torch.float32)
+    out = memory_lookup_bag(values, indices, weights)
+    gv, gw = torch.autograd.grad(out.sum(), (values, weights))
+    assert out.shape == (*lead, 6) and gw.shape == weights.shape
+    assert gv.is_sparse and gv.is_coalesced() and gv._nnz() == 0
+    values, indices, weights = make_inputs((3,), 0, 10, 6, torch.float32)
+    out = memory_lookup_bag(values, indices, weights)
+    assert torch.equal(out, torch.zeros(3, 6))
+    gv, gw = torch.autograd.grad(out.sum(), (values, weights))
+    assert gv._nnz() == 0 and gw.shape == (3, 0)
+
+
+def test_bag_only_values_or_only_weights_need_grad() -> None:
+    values, indices, weights = make_inputs((3,), 4, 10, 6, torch.float32)
+    (gv,) = torch.autograd.grad(memory_lookup_bag(values, indices, weights).sum(), (values,))
+    assert gv.is_sparse
+    (gw,) = torch.autograd.grad(
+        memory_lookup_bag(values.detach(), indices, weights).sum(), (weights,)
+    )
+    assert gw.shape == weights.shape
+
+
+def test_bag_rejects_what_it_does_not_handle() -> None:
+    values, indices, weights = make_inputs((2,), 3, 5, 4, torch.bfloat16)
+    with pytest.raises(ValueError, match="memory_lookup_ref"):
+        memory_lookup_bag(values, indices, weights)
+    values, indices, weights = make_inputs((2,), 3, 5, 4, torch.float32, w_dtype=torch.float64)
+    with pytest.raises(ValueError, match="memory_lookup_ref"):
+        memory_lookup_bag(values, indices, weights)
+    values, indices, weights = make_inputs((2,), 3, 5, 4, torch.float32)
+    with pytest.raises(IndexError):
+        memory_lookup_bag(values, indices + 5, weights)
+
+
+def test_torch_backend_uses_bag_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real = lookup_mod._MemoryLookupBag.apply
+    monkeypatch.setattr(
+        lookup_mod._MemoryLookupBag, "apply", lambda *a: calls.append("bag") or real(*a)
+    )
+    values, indices, weights = make_inputs((2,), 3, 5, 4, torch.float32)
+    lookup(values, indices, weights, backend="torch")
+    assert calls == ["bag"]
+    values, indices, weights = make_inputs((2,), 3, 5, 4, torch.bfloat16)
+    lookup(values, indices, weights, backend="torch")  # bf16: the reference
+    assert calls == ["bag"]
+
+
+def test_gather_dot_and_scatter_rows_match_plain_indexing() -> None:
+    gen = torch.Generator().manual_seed(3)
+    rows, table = torch.randn(6, 5, generator=gen), torch.randn(9, 5, generator=gen)
+    idx = torch.randint(0, 9, (6, 4), generator=gen)
+    w = torch.randn(6, 4, generator=gen)
+    expected = (table[idx] * rows[:, None, :]).sum(-1)
+    assert torch.allclose(lookup_mod.gather_dot(rows, table, idx), expected, atol=1e-6)
+    uniq, out = lookup_mod.scatter_rows(idx, w, rows)
+    dense = torch.zeros(9, 5).index_add_(
+        0, idx.reshape(-1), (w[..., None] * rows[:, None]).reshape(-1, 5)
+    )
+    assert torch.equal(uniq, idx.unique())
+    assert torch.allclose(out, dense[uniq], atol=1e-6)
+
+
+def test_bag_reused_gradient_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large value gradients go into a reused buffer: same results, chunked writes, and a
+    gradient that is still alive (accumulation) is never overwritten."""
+    monkeypatch.setattr(lookup_mod, "_REUSE_MIN_BYTES", 0)
+    monkeypatch.setattr(lookup_mod, "_ROW_CHUNK_ELEMS", 3 * 8)  # 3 rows per chunk
+    monkeypatch.setattr(lookup_mod, "_row_buffers", lookup_mod._RowBuffers())
+    table = torch.nn.Parameter(torch.randn(40, 8))
+    opt = torch.optim.SGD([table], lr=0.1)
+    ptrs = []
+    _, indices, _ = make_inputs((5,), 6, 40, 8, torch.float32)
+    for seed in range(3):  # same ids (so the same number of distinct rows), new weights
+        weights = make_inputs((5,), 6, 40, 8, torch.float32, seed=seed)[2]
+        opt.zero_grad(set_to_none=True)
+        check_bag_matches_ref(table, indices, weights.detach().requires_grad_())
+        memory_lookup_bag(table, indices, weights.detach()).pow(2).sum().backward()
+        ptrs.append(table.grad._values().data_ptr())
+        opt.step()
+    assert ptrs[1] == ptrs[2]  # the freed gradient's buffer was reused
+
+    opt.zero_grad(set_to_none=True)
+    _, indices, weights = make_inputs((5,), 6, 40, 8, torch.float32, seed=9)
+    memory_lookup_bag(table, indices, weights.detach()).sum().backward()
+    once = table.grad.to_dense().clone()
+    memory_lookup_bag(table, indices, weights.detach()).sum().backward()
+    assert torch.allclose(table.grad.to_dense(), 2 * once)
