@@ -27,11 +27,35 @@ Measured per case (median over ``--repeats`` after warmup, wall clock, ms):
 A dense FFN that is predicted not to fit (``--ffn-budget-s`` of wall time, from a GEMM
 probe's GFLOP/s, or 85% of ``MemAvailable``) is reported as skipped, with the reason.
 
+``--peer`` instead compares the layer with lucidrains' ``product-key-memory`` 0.3.0 (the
+"peer", an optional bench dependency: ``pip install --no-deps product-key-memory==0.3.0
+einops colt5-attention local-attention hyper-connections``; the bench says so and stops if
+it is missing). Both run in THIS process, one torch thread, interleaved (every repeat
+times each contender once, the order rotating), on the same input: batch 4 x 256, dim 512,
+4 heads, top-32, key dim 256 (the peer's ``dim_head`` 128 per half), a squared-output loss
+``out.pow(2).mean()`` and plain ``torch.optim.SGD`` on every parameter (knowedit's value
+gradient is sparse, the peer's dense). knowedit runs without and with Memory+ (swilu gate,
+qk-norm); the peer has neither and runs once per repeat. Default sizes 2^12, 2^16, 2^20,
+2^22; a size whose peer (values + dense gradient) does not fit in ``MemAvailable`` is
+measured for knowedit alone. It also reports a memory-traffic floor:
+
+* ``fwd floor = 4 B * (T*H*k*D + T*d + T*D + d*H*Dk + H*n*Dk) / BW``: every gathered
+  value row (T tokens x H heads x top-k rows of D floats), the input and output, the query
+  weights and the sub-keys, each read or written once;
+* ``step floor = fwd bytes + 4 B * (T*H*k*D + 4*U*D + 3*P) / BW``: the weight-gradient
+  pass reads every gathered row again, the U distinct rows' gradient is written, SGD reads
+  it and reads and writes those U value rows, and the P dense parameters are read, their
+  gradient written and read, and written back;
+
+with ``BW`` the single-thread copy bandwidth measured in the same process (bytes read +
+written per second by ``dst.copy_(src)`` on 256 MiB).
+
 Usage::
 
     python bench/memory_scaling.py                        # 2^12, 2^16, 2^20; ~75 s on 2 idle cores
     python bench/memory_scaling.py --quick                # fewer repeats
     python bench/memory_scaling.py --sizes 12 16 --repeats 5 --threads 2 --json-out m.json
+    python bench/memory_scaling.py --peer                 # vs product-key-memory, 1 thread
 """
 
 from __future__ import annotations
@@ -412,14 +436,287 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- peer comparison
+
+_PEER_HINT = (
+    "pip install --no-deps product-key-memory==0.3.0 einops colt5-attention "
+    "local-attention hyper-connections"
+)
+
+
+def _import_peer() -> tuple[Any, str]:
+    """(the peer's PKM class or None, its version or why it could not be imported)."""
+    try:
+        import importlib.metadata as md
+
+        from product_key_memory import PKM
+    except ImportError as e:
+        return None, str(e)
+    return PKM, md.version("product-key-memory")
+
+
+def _copy_bandwidth(mib: int = 256, repeats: int = 5) -> float:
+    """Single-thread copy bandwidth, bytes read + written per second (``dst.copy_(src)``)."""
+    src = torch.ones(mib << 18)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        ts.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / statistics.median(ts)
+
+
+def _floor_bytes(
+    args: argparse.Namespace, n_keys: int, unique_rows: int, dense_params: int
+) -> tuple[int, int]:
+    """(forward bytes, fwd+bwd+step bytes) of the memory-traffic floor (see the docstring)."""
+    t = args.batch * args.seq
+    d, h, k, dk = args.dim, args.heads, args.topk, args.key_dim
+    rows = t * h * k * d  # every gathered value element
+    fwd = 4 * (rows + t * d + t * d + d * h * dk + h * n_keys * dk)
+    step = fwd + 4 * (rows + 4 * unique_rows * d + 3 * dense_params)
+    return fwd, step
+
+
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    model(x).pow(2).mean().backward()
+    opt.step()
+
+
+def _peer_size(s: int, args: argparse.Namespace, pkm_cls: Any, bw: float) -> list[dict[str, Any]]:
+    """Time knowedit (plain and Memory+) and the peer at N = 2^s, interleaved."""
+    from knowedit.config import MemoryConfig
+    from knowedit.memory import ProductKeyMemory, ValuePool
+
+    n_keys = 2 ** (s // 2)
+    n = n_keys**2
+    d = args.dim
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, args.seq, d)
+    # One value pool serves both knowedit variants (a pool may be shared between layers):
+    # the timings do not depend on the values, and 4M x 512 fp32 is 8 GiB.
+    pool = ValuePool(n, d)
+    lr = 1e-3
+    contenders: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {}
+    for plus in (False, True):
+        cfg = MemoryConfig(
+            n_keys=n_keys,
+            heads=args.heads,
+            topk=args.topk,
+            key_dim=args.key_dim,
+            value_dim=d,
+            swilu=plus,
+            qk_norm=plus,
+            backend="torch",
+        )
+        model = ProductKeyMemory(d, cfg, pool, layer=0)
+        contenders["knowedit+" if plus else "knowedit"] = (
+            model,
+            torch.optim.SGD(model.parameters(), lr=lr),
+        )
+    # The peer needs its (N, d) values and a dense (N, d) gradient, plus ~1 GiB of slack.
+    peer_need = 2 * n * d * 4 + (1 << 30)
+    avail = _mem_available_bytes()
+    peer_skip = None
+    if avail is not None and peer_need > avail:
+        peer_skip = (
+            f"peer not run: its values + dense gradient need {peer_need / 2**30:.1f} GiB, "
+            f"MemAvailable {avail / 2**30:.1f} GiB beside knowedit's {n * d * 4 / 2**30:.1f} GiB table"
+        )
+        print(f"# 2^{s}: {peer_skip}", file=sys.stderr)
+    else:
+        peer = pkm_cls(
+            d, heads=args.heads, num_keys=n_keys, topk=args.topk, dim_head=args.key_dim // 2
+        )
+        contenders["peer"] = (peer, torch.optim.SGD(peer.parameters(), lr=lr))
+
+    fwd: dict[str, list[float]] = {name: [] for name in contenders}
+    step: dict[str, list[float]] = {name: [] for name in contenders}
+    uniq: dict[str, list[int]] = {name: [] for name in contenders}
+    names = list(contenders)
+    load = _OtherLoad()
+    for i in range(args.warmup + args.repeats):
+        order = names[i % len(names) :] + names[: i % len(names)]
+        for name in order:
+            model, opt = contenders[name]
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model(x)
+            t1 = time.perf_counter()
+            _train_step(model, opt, x)
+            t2 = time.perf_counter()
+            if i >= args.warmup:
+                fwd[name].append(t1 - t0)
+                step[name].append(t2 - t1)
+                if name != "peer" and pool.values.grad is not None:
+                    uniq[name].append(int(pool.values.grad._nnz()))
+    other, steal = load.cores()
+    print(f"# 2^{s}: other processes {other:.2f} cores, steal {steal:.2f}", file=sys.stderr)
+
+    rows = []
+    for name in ("knowedit", "knowedit+"):
+        model = contenders[name][0]
+        u = int(statistics.median(uniq[name]))
+        dense = sum(p.numel() for p in model.parameters() if p is not pool.values)
+        fwd_b, step_b = _floor_bytes(args, n_keys, u, dense)
+        row: dict[str, Any] = {
+            "log2_n": s,
+            "memory_plus": name == "knowedit+",
+            "fwd_ms": _median_ms(fwd[name]),
+            "train_ms": _median_ms(step[name]),
+            "unique_rows": u,
+            "fwd_floor_ms": 1e3 * fwd_b / bw,
+            "train_floor_ms": 1e3 * step_b / bw,
+            "fwd_ms_all": [round(1e3 * v, 1) for v in fwd[name]],
+            "train_ms_all": [round(1e3 * v, 1) for v in step[name]],
+            "other_cpu_cores": round(other, 2),
+            "steal_cores": round(steal, 2),
+        }
+        if "peer" in contenders:
+            row["peer_fwd_ms"] = _median_ms(fwd["peer"])
+            row["peer_train_ms"] = _median_ms(step["peer"])
+            row["peer_fwd_ms_all"] = [round(1e3 * v, 1) for v in fwd["peer"]]
+            row["peer_train_ms_all"] = [round(1e3 * v, 1) for v in step["peer"]]
+        else:
+            row["peer_skipped"] = peer_skip
+        rows.append(row)
+    del contenders, pool
+    return rows
+
+
+def _peer_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| N (slots) | Memory+ | fwd ms knowedit / peer | fwd+bwd+step ms knowedit / peer "
+        "| step speed-up (peer / knowedit) | unique rows | fwd floor ms (fwd / floor) "
+        "| step floor ms (step / floor) | other CPU |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        peer = "peer" if "peer_fwd_ms" in r else None
+        pf = f"{r['peer_fwd_ms']:.1f}" if peer else "not run"
+        pt = f"{r['peer_train_ms']:.1f}" if peer else "not run"
+        ratio = f"{r['peer_train_ms'] / r['train_ms']:.2f}x" if peer else "—"
+        lines.append(
+            f"| 2^{r['log2_n']} ({_size_label(2 ** r['log2_n'])}) | {'on' if r['memory_plus'] else 'off'} "
+            f"| {r['fwd_ms']:.1f} / {pf} | {r['train_ms']:.1f} / {pt} | {ratio} "
+            f"| {r['unique_rows']:,} | {r['fwd_floor_ms']:.1f} ({r['fwd_ms'] / r['fwd_floor_ms']:.1f}x) "
+            f"| {r['train_floor_ms']:.1f} ({r['train_ms'] / r['train_floor_ms']:.1f}x) "
+            f"| {r['other_cpu_cores']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def _peer_acceptance(rows: list[dict[str, Any]]) -> list[str]:
+    """The issue's three acceptance checks, each with its numbers."""
+    out = []
+    with_peer = [r for r in rows if "peer_train_ms" in r]
+    if with_peer:
+        worst = min(with_peer, key=lambda r: r["peer_train_ms"] / r["train_ms"])
+        ratio = worst["peer_train_ms"] / worst["train_ms"]
+        out.append(
+            f"fwd+bwd+step >= 2x faster than the peer at every size with the peer: "
+            f"{'MET' if ratio >= 2 else 'NOT MET'} (worst {ratio:.2f}x at "
+            f"2^{worst['log2_n']}, Memory+ {'on' if worst['memory_plus'] else 'off'})"
+        )
+    for plus in (False, True):
+        by = {r["log2_n"]: r for r in rows if r["memory_plus"] == plus}
+        if 16 in by and 22 in by:
+            g = by[22]["train_ms"] / by[16]["train_ms"]
+            out.append(
+                f"knowedit step growth 64K -> 4M <= 1.5x (Memory+ {'on' if plus else 'off'}): "
+                f"{'MET' if g <= 1.5 else 'NOT MET'} ({by[16]['train_ms']:.0f} -> "
+                f"{by[22]['train_ms']:.0f} ms, {g:.2f}x)"
+            )
+        if 20 in by:
+            f = by[20]["fwd_ms"] / by[20]["fwd_floor_ms"]
+            out.append(
+                f"forward at 1M within 3x of the memory-traffic floor (Memory+ "
+                f"{'on' if plus else 'off'}): {'MET' if f <= 3 else 'NOT MET'} "
+                f"({by[20]['fwd_ms']:.1f} ms vs floor {by[20]['fwd_floor_ms']:.1f} ms, {f:.1f}x)"
+            )
+    return out
+
+
+def _use_reference_paths() -> None:
+    """Run knowedit on its reference top-k and lookup (what the torch backend was before the
+    embedding-bag path): ``product_topk_ref`` and ``memory_lookup_ref``."""
+    import knowedit.memory as memory
+    from knowedit.kernels import memory_lookup_ref
+
+    memory.product_topk = memory.product_topk_ref
+    memory.lookup = lambda values, ids, weights, backend: memory_lookup_ref(values, ids, weights)
+
+
+def _peer_main(args: argparse.Namespace) -> None:
+    if args.knowedit_ref:
+        _use_reference_paths()
+    pkm_cls, version = _import_peer()
+    if pkm_cls is None:
+        print(
+            f"the peer (product-key-memory 0.3.0) is not installed ({version}); install it "
+            f"with: {_PEER_HINT}",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    torch.set_num_threads(args.threads or 1)
+    bw = _copy_bandwidth()
+    meta = {
+        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": _cpu_model(),
+        "nproc": os.cpu_count(),
+        "torch": torch.__version__,
+        "peer": f"product-key-memory {version}",
+        "knowedit_paths": "reference" if args.knowedit_ref else "fast",
+        "threads": torch.get_num_threads(),
+        "command": " ".join(["python", "bench/memory_scaling.py", *sys.argv[1:]]),
+        "copy_bandwidth_gb_s": round(bw / 1e9, 2),
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+    }
+    print(
+        f"# {meta['cpu']}, torch {meta['torch']}, {meta['peer']}, {meta['threads']} thread, "
+        f"copy bandwidth {bw / 1e9:.1f} GB/s, knowedit {meta['knowedit_paths']} paths",
+        file=sys.stderr,
+    )
+    rows: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    for s in args.sizes:
+        if args.wait_idle:
+            _wait_idle(args.wait_idle, max(0, (os.cpu_count() or 1) - 1) + _BUSY_CORES)
+        rows.extend(_peer_size(s, args, pkm_cls, bw))
+        print(_peer_table(rows[-2:]).splitlines()[-2:][0], file=sys.stderr)
+    meta["total_s"] = round(time.perf_counter() - t_start, 1)
+    print(_peer_table(rows))
+    print(
+        f"\nmedian ms of {args.repeats} after {args.warmup} warmup; {meta['cpu']}, 1 thread, "
+        f"torch {meta['torch']}, {meta['peer']}; batch {args.batch}x{args.seq}, dim {args.dim}, "
+        f"{args.heads} heads, top-{args.topk}, key_dim {args.key_dim}, fp32, SGD; copy "
+        f"bandwidth {bw / 1e9:.1f} GB/s; knowedit {meta['knowedit_paths']} paths; "
+        f"total {meta['total_s']} s"
+    )
+    for r in rows:
+        if "peer_skipped" in r and not r["memory_plus"]:
+            print(f"2^{r['log2_n']}: {r['peer_skipped']}")
+    for line in _peer_acceptance(rows):
+        print(line)
+    if args.json_out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
+        with open(args.json_out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--sizes",
         type=int,
         nargs="+",
-        default=[12, 16, 20],
-        help="log2 of the value rows N (even: n_keys = 2^(s/2)); default 12 16 20",
+        default=None,
+        help="log2 of the value rows N (even: n_keys = 2^(s/2)); default 12 16 20 "
+        "(--peer: 12 16 20 22)",
     )
     p.add_argument(
         "--repeats",
@@ -441,6 +738,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--topk", type=int, default=32)
     p.add_argument("--key-dim", type=int, default=256)
     p.add_argument("--no-ffn", action="store_true", help="skip the dense FFN comparison")
+    p.add_argument(
+        "--peer",
+        action="store_true",
+        help="compare with lucidrains' product-key-memory 0.3.0 in this process, interleaved, "
+        "1 thread (default repeats 5, warmup 1)",
+    )
+    p.add_argument(
+        "--knowedit-ref",
+        action="store_true",
+        help="with --peer: run knowedit on its reference top-k and lookup (the torch "
+        "backend before the embedding-bag path), for before/after numbers",
+    )
     p.add_argument(
         "--ffn-budget-s",
         type=float,
@@ -476,13 +785,18 @@ def main(argv: list[str] | None = None) -> None:
         print(_RESULT_TAG + json.dumps(res), flush=True)
         return
 
+    if args.sizes is None:
+        args.sizes = [12, 16, 20, 22] if args.peer else [12, 16, 20]
     if args.repeats is None:
-        args.repeats = 3 if args.quick else 7
+        args.repeats = 3 if args.quick else (5 if args.peer else 7)
     if args.warmup is None:
-        args.warmup = 1 if args.quick else 3
+        args.warmup = 1 if args.quick or args.peer else 3
     for s in args.sizes:
         if s % 2 or s < 2:
             p.error(f"--sizes must be even log2 values (n_keys = 2^(s/2)), got {s}")
+    if args.peer:
+        _peer_main(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
 
