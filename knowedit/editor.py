@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from knowedit.ledger import (
     Ledger,
     LedgerError,
     LedgerMissing,
+    LedgerTxn,
     RowChange,
     is_in_memory,
 )
@@ -47,6 +48,8 @@ from knowedit.update import (
 
 PROVENANCE_FILE = "provenance.json"
 """Where an exported checkpoint (:meth:`Editor.save`) came from."""
+REPLAY_PAGE = 256
+"""Events decoded at a time when the editor replays a ledger (bounds memory on long ledgers)."""
 WAIT_ENV = "KNOWEDIT_LEDGER_WAIT_S"
 """Seconds a writer waits for its turn at the ledger (default 60)."""
 
@@ -163,12 +166,12 @@ class Editor:
         self._applies: dict[str, Event] = {}
         self._live: dict[str, Event] = {}
         self._reads: dict[str, dict[str, set[int]]] = {}
-        self._guards: GuardBuilder | None = None
+        self._guard_builder: GuardBuilder | None = None
         self._seq = 0
         self._learning: LearningSession | None = None
         self.wait_s = 60.0
         if self.ledger is not None:
-            self._sync(self.ledger.events())
+            self._replay(self.ledger)
 
     # ------------------------------------------------------------ background
     def _ensure_background(self) -> None:
@@ -199,9 +202,9 @@ class Editor:
     @property
     def guards(self) -> GuardBuilder:
         """Guard construction for last-layer edits, with its caches."""
-        if self._guards is None:
-            self._guards = GuardBuilder(self.model, self.codec, self.stats, self.docs)
-        return self._guards
+        if self._guard_builder is None:
+            self._guard_builder = GuardBuilder(self.model, self.codec, self.stats, self.docs)
+        return self._guard_builder
 
     # ------------------------------------------------------------------ open
     @classmethod
@@ -291,7 +294,8 @@ class Editor:
     # ----------------------------------------------------------- live state
     def _drop_caches(self) -> None:
         """The residual stream before the last memory layer may have changed."""
-        self.guards.invalidate()
+        if self._guard_builder is not None:
+            self._guard_builder.invalidate()
         self._reads.clear()
 
     def _write(self, rows: list[RowChange], which: str, event: str = "") -> None:
@@ -307,20 +311,42 @@ class Editor:
                 if session is not None:
                     session._snapshot[r.pool][r.slot] = self.pools[r.pool][r.slot]
 
-    def _sync(self, events: list[Event]) -> None:
-        """Apply events this process has not seen yet (other processes' edits)."""
+    def _sync(self, events: list[Event], source: Ledger | LedgerTxn) -> None:
+        """Apply events this process has not seen yet (other processes' edits).
+
+        ``source`` (the ledger, or the transaction the events were read in)
+        gives a reverted edit's rows: the editor keeps only which rows each
+        edit changed (:func:`_slim`), never the rows themselves.
+        """
+        full: dict[str, Event] = {}
         for ev in events:
             if ev.seq <= self._seq:
                 continue
             if ev.kind in APPLY_KINDS:
                 self._write(ev.rows, "after", f"{ev.kind} {ev.edit_id}")
-                self._applies[ev.edit_id] = ev
-                self._live[ev.edit_id] = ev
+                full[ev.edit_id] = ev
+                self._remember(ev)
             else:
-                self._write(self._applies[ev.edit_id].rows, "before", f"the revert of {ev.edit_id}")
+                applied = full.get(ev.edit_id) or source.get(ev.edit_id)
+                self._write(applied.rows, "before", f"the revert of {ev.edit_id}")
                 self._live.pop(ev.edit_id, None)
-                self.guards.live.discard(ev.edit_id)
+                if self._guard_builder is not None:
+                    self._guard_builder.live.discard(ev.edit_id)
             self._seq = ev.seq
+
+    def _remember(self, ev: Event) -> None:
+        """A committed apply or learn event is live (kept without its rows)."""
+        slim = _slim(ev)
+        self._applies[ev.edit_id] = slim
+        self._live[ev.edit_id] = slim
+
+    def _replay(self, led: Ledger) -> None:
+        """Sync with every event of ``led`` after the last one seen, a page at a time."""
+        while True:
+            page = led.events(after_seq=self._seq, limit=REPLAY_PAGE)
+            if not page:
+                return
+            self._sync(page, led)
 
     def _owned(self) -> dict[str, dict[int, str]]:
         """pool -> slot -> id of the newest live edit that changed it."""
@@ -344,7 +370,7 @@ class Editor:
         """Replay edits that other processes committed since this Editor last looked."""
         led = self._reader_ledger()
         if led is not None:
-            self._sync(led.events(after_seq=self._seq))
+            self._replay(led)
 
     def ask(self, prompt: str, max_new_tokens: int = 8) -> str:
         """Greedy completion of ``prompt`` by the live (edited) model."""
@@ -471,7 +497,7 @@ class Editor:
         with self._writable_ledger().transaction() as txn:
             t_start = time.perf_counter()
             fresh = txn.events(after_seq=self._seq)
-            self._sync(fresh)
+            self._sync(fresh, txn)
             att = pre if pre is not None and not fresh else self._attempt(req, opts)
             if att is pre:  # computed before the transaction: its time counts as compute
                 t_start -= att.compute_ms / 1000
@@ -483,8 +509,7 @@ class Editor:
             )
         # Committed: only now does the live model change.
         self._write(ev.rows, "after")
-        self._applies[ev.edit_id] = ev
-        self._live[ev.edit_id] = ev
+        self._remember(ev)
         self._seq = ev.seq
         total_ms = (time.perf_counter() - t_start) * 1000
         # Everything but locate+optimise is ledger work: the lock, syncing,
@@ -735,13 +760,13 @@ class Editor:
             EditError: unknown or already reverted id, or later edits in the way without ``cascade``.
         """
         with self._ledger_for_revert(edit_id).transaction() as txn:
-            self._sync(txn.events(after_seq=self._seq))
+            self._sync(txn.events(after_seq=self._seq), txn)
             ev = self._live_apply(edit_id)
             deps = self._dependents(ev)
             if deps and not cascade:
                 names = ", ".join(d.edit_id for d in deps)
                 raise EditError(f"later edit(s) {names} changed slots of {edit_id}; revert them first or use --cascade")
-            order = [*deps, ev]
+            order = [txn.get(e.edit_id) for e in (*deps, ev)]  # with their rows
             self._check_revertible(order)
             request = {"cascade_of": edit_id} if deps else None
             appended = [txn.append_revert(e.edit_id, author=self.author, note=note, request=request) for e in order]
@@ -751,9 +776,9 @@ class Editor:
     def revert_to(self, edit_id: str, note: str | None = None) -> list[str]:
         """Return to the state right after edit ``edit_id``: revert every later live edit, newest first."""
         with self._ledger_for_revert(edit_id).transaction() as txn:
-            self._sync(txn.events(after_seq=self._seq))
+            self._sync(txn.events(after_seq=self._seq), txn)
             ev = self._live_apply(edit_id)
-            order = sorted((e for e in self._live.values() if e.seq > ev.seq), key=lambda e: -e.seq)
+            order = [txn.get(e.edit_id) for e in sorted((e for e in self._live.values() if e.seq > ev.seq), key=lambda e: -e.seq)]
             self._check_revertible(order)
             appended = [txn.append_revert(e.edit_id, author=self.author, note=note, request={"revert_to": edit_id}) for e in order]
         self._after_revert(order, appended)
@@ -791,7 +816,8 @@ class Editor:
         for ev, rev in zip(order, appended):
             self._write(ev.rows, "before")
             self._live.pop(ev.edit_id, None)
-            self.guards.live.discard(ev.edit_id)
+            if self._guard_builder is not None:
+                self._guard_builder.live.discard(ev.edit_id)
             self._seq = rev.seq
 
     # ------------------------------------------------------------ learning
@@ -1002,7 +1028,7 @@ class LearningSession:
         if not self.changed():
             raise EditError("nothing to commit: no value row changed since the last commit")
         with ed._writable_ledger().transaction() as txn:
-            ed._sync(txn.events(after_seq=ed._seq))
+            ed._sync(txn.events(after_seq=ed._seq), txn)
             if self._conflicts:
                 raise self._conflict_error()
             changed = self.changed()
@@ -1018,8 +1044,7 @@ class LearningSession:
         # Committed: the rows are already live; the bookkeeping follows.
         for r in ev.rows:
             self._snapshot[r.pool][r.slot] = r.after.to(self._snapshot[r.pool].device)
-        ed._applies[ev.edit_id] = ev
-        ed._live[ev.edit_id] = ev
+        ed._remember(ev)
         ed._seq = ev.seq
         ed._drop_caches()
         rec = EditRecord(ev.edit_id, "", "", None, [(r.pool, r.slot) for r in ev.rows], dict(metrics), [], ev.seq)
@@ -1044,6 +1069,15 @@ class LearningSession:
             for name, before in self._dense.items():
                 if not _same(params[name].detach().cpu(), before.cpu()):
                     params[name].copy_(before)
+
+
+_NO_ROW = torch.empty(0)
+
+
+def _slim(ev: Event) -> Event:
+    """``ev`` with its rows' (pool, slot) only: the before/after rows stay in the
+    ledger (10,000 CounterFact edits would otherwise hold over a gigabyte)."""
+    return replace(ev, rows=[RowChange(r.pool, r.slot, _NO_ROW, _NO_ROW) for r in ev.rows])
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -602,10 +602,11 @@ class Ledger:
         return meta
 
     # ------------------------------------------------------- the chain
-    def _verified(self, session: Session, after_seq: int = 0) -> list[Event]:
+    def _verified(self, session: Session, after_seq: int = 0, limit: int | None = None) -> list[Event]:
         """Check every stored event the chain has not verified yet; return the
         decoded events with ``seq > after_seq`` among them (and before them,
-        read without re-checking: they were verified earlier).
+        read without re-checking: they were verified earlier). With ``limit``,
+        stop after that many events (the rest are checked by a later call).
 
         Raises:
             LedgerDamaged: an event does not verify (this Ledger then refuses every read).
@@ -640,6 +641,8 @@ class Ledger:
                         raise LedgerDamaged(self._damage)
                 if rec.seq > after_seq:
                     out.append(to_event(rec))
+                    if limit is not None and len(out) >= limit:
+                        break
             return out
 
     def _extend_chain(self, events: Sequence[Event]) -> None:
@@ -711,14 +714,15 @@ class Ledger:
             with self._queue.turn(self._busy_timeout_s):
                 yield
 
-    def events(self, after_seq: int = 0) -> list[Event]:
-        """Events with ``seq > after_seq`` in seq order, rows loaded, chain checked.
+    def events(self, after_seq: int = 0, limit: int | None = None) -> list[Event]:
+        """Events with ``seq > after_seq`` in seq order (at most ``limit``), rows
+        loaded, chain checked.
 
         Raises:
             LedgerDamaged: the chain does not verify.
         """
         with self._read() as s:
-            return self._verified(s, after_seq)
+            return self._verified(s, after_seq, limit)
 
     def last_seq(self) -> int:
         """The newest event's seq (0 when empty)."""

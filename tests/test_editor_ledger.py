@@ -264,6 +264,34 @@ def test_reverting_every_edit_restores_the_base_bit_for_bit(model_dir: Path) -> 
     assert file_sha(model_dir / MODEL_FILE) == sha
 
 
+def test_the_editor_keeps_no_rows_and_replays_a_page_at_a_time(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows stay in the ledger: the Editor remembers which rows each live edit
+    changed, fetches the rows a revert needs, and replays a long ledger in pages."""
+    import knowedit.editor as editor_mod
+
+    base = base_pools(model_dir)
+    reqs = requests(model_dir)
+    with Editor.open(model_dir) as ed:
+        ids = [ed.apply(r, max_steps=STEPS, allow_failed=True).id for r in reqs[:5]]
+        ed.revert(ids[1], cascade=True)
+        assert all(r.before.numel() == 0 and r.after.numel() == 0 for ev in ed._live.values() for r in ev.rows)
+        live = ed.live_edits()
+        check_consistent(ed, base)
+        want = live_pools(ed)
+    monkeypatch.setattr(editor_mod, "REPLAY_PAGE", 2)
+    with Ledger(str(model_dir / LEDGER_FILE), load_checkpoint(model_dir).fingerprint) as led:
+        pages = [led.events(after_seq=s, limit=2) for s in range(0, led.last_seq(), 2)]
+        assert [len(p) for p in pages[:-1]] == [2] * (len(pages) - 1) and sum(map(len, pages)) == led.last_seq()
+        assert [e.seq for p in pages for e in p] == [e.seq for e in led.events()]
+    with Editor.open(model_dir) as ed:  # replayed two events at a time
+        assert ed.live_edits() == live
+        assert_same_pools(live_pools(ed), want, "replayed in pages")
+        for rid in reversed(live):
+            ed.revert(rid)  # each revert fetches its rows from the ledger
+        assert_same_pools(live_pools(ed), base, "all reverted")
+        assert ed.verify() == []
+
+
 def test_revert_without_cascade_names_the_later_edit(model_dir: Path) -> None:
     base = base_pools(model_dir)
     reqs = requests(model_dir)
