@@ -83,7 +83,7 @@ _FAST_DTYPES = (torch.float32, torch.float64)
 # Up to this many half keys per table the score gradient is scattered into a dense
 # (R, H, 2, n_keys) tensor and multiplied out (two small bmm: fastest while n_keys is
 # small); above it the backward touches only the selected keys (no O(n_keys) work).
-_DENSE_SCORE_GRAD_MAX_KEYS = 256
+_DENSE_SCORE_GRAD_MAX_KEYS = 128
 
 
 @functools.lru_cache(maxsize=64)
