@@ -1011,7 +1011,9 @@ def tamper_kinds(db: Path, keyed: bool) -> list[tuple[str, Callable[[], None], b
     n = len(events)
     reverted = {e[3] for e in events if e[2] == "revert"}
     applies = [e for e in events if e[2] == "apply"]
-    mid_apply = applies[len(applies) // 2]
+    # An apply committed with allow_failed may have changed no row: tamper with one that did.
+    with_rows = [e for e in applies if _q(db, "SELECT count(*) FROM ledger_rows WHERE event_id = ?", e[0])[0][0]]
+    mid_apply = with_rows[len(with_rows) // 2]
     live_mid = next(e for e in applies[1:] if e[3] not in reverted and e[1] < n)
     rev_mid = next(e for e in events if e[2] == "revert" and e[1] < n - 1)
     row_id, row_after, row_shape = _q(db, "SELECT id, after, shape FROM ledger_rows WHERE event_id = ? ORDER BY position", mid_apply[0])[0]
