@@ -41,16 +41,22 @@ def train(
     overrides: Annotated[list[str] | None, typer.Argument(help="KEY=VALUE overrides, e.g. model.d_model=64.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Checkpoint directory.", show_default="runs/NAME")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted run from OUT/checkpoints/last.ckpt (same recipe and overrides).")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Train a memory LM from a recipe and write a checkpoint directory."""
+    """Train a memory LM from a recipe and write a checkpoint directory.
+
+    ``trainer.KEY=VALUE`` passes an argument to ``lightning.Trainer``.
+    """
     from knowedit.config import load_train_config
     from knowedit.recipes.train import train as run_train
 
     recipe = config_path(config)
     cfg = load_train_config(str(recipe), list(overrides or []))
     cfg.out = str(out if out is not None else Path("runs") / cfg.name)
-    report = run_train(cfg, progress=not (quiet or json_out), config_dir=recipe.parent)
+    report = run_train(cfg, progress=not (quiet or json_out), config_dir=recipe.parent, resume=resume)
     report["out"] = cfg.out
     if json_out:
         emit_json(report)

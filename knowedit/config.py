@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -102,6 +103,10 @@ class OptimConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
     """Cosine decay from the peak to ``min_lr_ratio`` x peak over the planned steps."""
+    value_optimizer: str = "sparse_adam"
+    """Optimizer of the memory values (sparse gradients, touched rows only):
+    ``sparse_adam`` (torch SparseAdam), ``sparse_sgd`` or ``rowwise_adagrad``
+    (knowedit.kernels.optim: the Triton kernel on CUDA, the torch reference elsewhere)."""
 
 
 @dataclass
@@ -127,9 +132,34 @@ class TrainConfig:
     seed gives the same weights only with the same thread count."""
     precision: str = "32-true"
     logger: str = "csv"
-    """``csv``, ``tensorboard`` or ``none``."""
+    """``csv`` (no extra dependency), ``tensorboard`` (needs the tensorboard package) or ``none``."""
+    checkpoint_every_n_epochs: int = 1
+    """Write the resume checkpoint ``OUT/checkpoints/last.ckpt`` every N epochs
+    (``knowedit train ... --resume`` continues from it); 0 writes none."""
+    trainer: dict[str, Any] = field(default_factory=dict)
+    """Further ``lightning.Trainer`` arguments, e.g. ``trainer.log_every_n_steps=5``.
+    ``trainer.max_epochs``, ``max_steps``, ``accelerator`` and ``precision`` are the
+    top-level keys of the same names (and win over them)."""
     out: str = ""
     """Checkpoint directory (the CLI's --out; default runs/NAME)."""
+
+
+TRAINER_ALIASES = ("max_epochs", "max_steps", "accelerator", "precision")
+"""``trainer.*`` keys that TrainConfig holds at its top level."""
+
+
+def fold_trainer_aliases(cfg: TrainConfig) -> TrainConfig:
+    """Move ``cfg.trainer``'s :data:`TRAINER_ALIASES` to the top-level keys, in place.
+
+    Raises:
+        ValueError: a value of the wrong type, naming the ``trainer.`` key.
+    """
+    for key in TRAINER_ALIASES:
+        if key in cfg.trainer:
+            node = _merge(OmegaConf.structured(TrainConfig), OmegaConf.create({key: cfg.trainer[key]}), f"trainer.{key}")
+            setattr(cfg, key, node[key])
+            del cfg.trainer[key]
+    return cfg
 
 
 @dataclass
@@ -233,8 +263,9 @@ def model_preset(name: str) -> ModelConfig:
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """A :class:`TrainConfig` from defaults, a YAML recipe and overrides (see :func:`load_config`)."""
-    return load_config(TrainConfig, path, overrides)  # type: ignore[return-value]
+    """A :class:`TrainConfig` from defaults, a YAML recipe and overrides (see :func:`load_config`),
+    with ``trainer.max_epochs`` and the other :data:`TRAINER_ALIASES` moved to the top level."""
+    return fold_trainer_aliases(load_config(TrainConfig, path, overrides))  # type: ignore[arg-type]
 
 
 def load_learn_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LearnConfig:

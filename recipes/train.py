@@ -4,24 +4,41 @@
 (dataclass defaults < YAML < overrides) and calls :func:`train`, which writes
 a checkpoint directory (``model.safetensors``, ``config.yaml``,
 ``tokenizer.json``, ``corpus.jsonl``, ``train_report.json``).
+
+Lightning does the bookkeeping: the warmup + cosine schedule is an
+``lr_scheduler`` per optimizer, ``ModelCheckpoint`` writes the resume state
+``checkpoints/last.ckpt`` each epoch (``--resume`` continues from it, loaded
+with ``weights_only=True``), ``EarlyStopping`` ends the run at
+``stop_at_accuracy`` and the Trainer's ``max_time`` at ``max_minutes``.
+``trainer.*`` keys pass through to ``lightning.Trainer``.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import json
 import math
+import os
 import random
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from torch.utils.data import DataLoader
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch.utils.data import DataLoader, Sampler
 
 from knowedit.checkpoint import save_checkpoint
-from knowedit.config import TrainConfig
+from knowedit.config import OptimConfig, TrainConfig, fold_trainer_aliases, to_yaml
 from knowedit.data import (
     EditRequest,
     Example,
@@ -38,6 +55,62 @@ CORPUS_FILE = "corpus.jsonl"
 HELDOUT_FILE = "heldout.jsonl"
 EDITS_FILE = "edits.jsonl"
 REPORT_FILE = "train_report.json"
+RESUME_FILE = "checkpoints/last.ckpt"
+"""Lightning's resume state (weights, optimizer and loop state), under the output directory."""
+VALUE_OPTIMIZERS = ("sparse_adam", "sparse_sgd", "rowwise_adagrad")
+LOGGERS = ("csv", "tensorboard", "none")
+
+#: Trainer arguments the recipe sets itself, with what to use instead.
+TRAINER_OWNED = {
+    "logger": "choose it with logger=csv|tensorboard|none",
+    "max_time": "set the time cap with max_minutes=N",
+    "callbacks": "the recipe adds its own (resume checkpoint, early stopping)",
+    "enable_checkpointing": "checkpoint_every_n_epochs=0 writes no resume checkpoint",
+    "plugins": "the recipe writes its resume checkpoint with its own CheckpointIO",
+    "default_root_dir": "give the output directory with --out",
+    "enable_progress_bar": "use --quiet",
+    "devices": "the recipe trains on one device",
+    "num_nodes": "the recipe trains on one device",
+    "strategy": "the recipe trains on one device",
+    "accumulate_grad_batches": "the recipe steps its two optimizers itself (manual optimisation)",
+    "gradient_clip_val": "the recipe steps its two optimizers itself (manual optimisation)",
+    "gradient_clip_algorithm": "the recipe steps its two optimizers itself (manual optimisation)",
+}
+
+
+class EpochShuffle(Sampler[int]):
+    """A shuffle of ``range(n)`` that depends only on ``(seed, epoch)``.
+
+    Lightning calls :meth:`set_epoch` before every epoch, after a resume too, so a
+    resumed run reads its remaining epochs in the order an uninterrupted run does.
+    The orders are those the recipe had before it could resume,
+    ``DataLoader(shuffle=True, generator=torch.Generator().manual_seed(seed))``,
+    whose every epoch draws from the generator one int64 (the loader's worker base
+    seed) and two permutations (``RandomSampler`` draws one more, for a remainder
+    of length 0): models trained before and after this sampler are identical.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.epoch):
+            _epoch_draws(g, self.n)
+        return iter(_epoch_draws(g, self.n))
+
+
+def _epoch_draws(g: torch.Generator, n: int) -> list[int]:
+    torch.empty((), dtype=torch.int64).random_(generator=g)
+    order = torch.randperm(n, generator=g).tolist()
+    torch.randperm(n, generator=g)
+    return order
 
 
 class FactDataModule(L.LightningDataModule):
@@ -79,10 +152,36 @@ class FactDataModule(L.LightningDataModule):
         return DataLoader(
             self.train_ex,
             batch_size=self.cfg.data.batch_size,
-            shuffle=True,
+            sampler=EpochShuffle(len(self.train_ex), self.cfg.seed),
             collate_fn=lambda exs: encode_examples(self.codec, exs, max_len, answer_only),
-            generator=torch.Generator().manual_seed(self.cfg.seed),
         )
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """The learning-rate factor at ``step``: linear warmup over ``warmup`` steps, then
+    cosine decay to ``min_ratio`` at ``total`` steps (and ``min_ratio`` after)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def value_optimizer(o: OptimConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The memory values' optimizer named by ``o.value_optimizer``, at ``o.value_lr``.
+
+    Every choice is lazy: it reads the sparse gradient and updates only the rows a
+    batch touched. SparseSGD and RowwiseAdagrad run the Triton kernel for CUDA
+    tensors and the torch reference elsewhere (``backend="auto"``).
+    """
+    from knowedit.kernels.optim import RowwiseAdagrad, SparseSGD
+
+    if o.value_optimizer == "sparse_adam":
+        return torch.optim.SparseAdam(params, lr=o.value_lr)
+    if o.value_optimizer == "sparse_sgd":
+        return SparseSGD(params, lr=o.value_lr)
+    if o.value_optimizer == "rowwise_adagrad":
+        return RowwiseAdagrad(params, lr=o.value_lr)
+    raise ValueError(f"optim.value_optimizer must be one of {', '.join(VALUE_OPTIMIZERS)}, not {o.value_optimizer!r}")
 
 
 class MemoryLMModule(L.LightningModule):
@@ -94,35 +193,26 @@ class MemoryLMModule(L.LightningModule):
         self.model = model
         self.codec = codec
         self.eval_examples = eval_examples
-        self.automatic_optimization = False  # two optimizers: dense AdamW + sparse values
+        # Two optimizers (dense AdamW + the sparse value optimizer): Lightning's automatic
+        # optimisation takes one, so training_step steps both and their schedulers.
+        self.automatic_optimization = False
         self.train_accuracy = 0.0
-        self.started = time.monotonic()
 
     def configure_optimizers(self):  # noqa: ANN201 (Lightning's union type)
         o = self.cfg.optim
-        dense = torch.optim.AdamW(self.model.other_parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        opts = [dense]
+        opts = [torch.optim.AdamW(self.model.other_parameters(), lr=o.lr, weight_decay=o.weight_decay)]
         if self.model.value_parameters():
-            # SparseAdam is lazy: it updates only the rows present in the sparse gradient.
-            opts.append(torch.optim.SparseAdam(self.model.value_parameters(), lr=o.value_lr))
-        return opts
-
-    def _lr_scale(self) -> float:
-        """Linear warmup, then cosine decay to ``min_lr_ratio`` over the planned steps."""
-        o, step = self.cfg.optim, self.global_step
-        if o.warmup_steps > 0 and step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
+            opts.append(value_optimizer(o, self.model.value_parameters()))
+        # The schedule's step is Lightning's global_step, which under manual optimisation
+        # counts every optimizer's steps: len(opts) per batch. Its horizon is the planned batches.
         total = max(self.trainer.estimated_stepping_batches, o.warmup_steps + 1)
-        frac = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+        scale = functools.partial(
+            _scale_at_batch, per_batch=len(opts), warmup=o.warmup_steps, total=total, min_ratio=o.min_lr_ratio
+        )
+        return opts, [torch.optim.lr_scheduler.LambdaLR(opt, scale) for opt in opts]
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:  # noqa: ANN001
-        opts = self.optimizers()
-        opts = opts if isinstance(opts, list) else [opts]
-        scale = self._lr_scale()
-        for opt, base in zip(opts, (self.cfg.optim.lr, self.cfg.optim.value_lr)):
-            for g in opt.param_groups:
-                g["lr"] = base * scale
+        opts, scheds = _as_list(self.optimizers()), _as_list(self.lr_schedulers())
         logits = self.model(batch.ids)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100)
         for opt in opts:
@@ -130,6 +220,8 @@ class MemoryLMModule(L.LightningModule):
         self.manual_backward(loss)
         for opt in opts:
             opt.step()
+        for sched in scheds:
+            sched.step()
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         return loss
 
@@ -138,12 +230,101 @@ class MemoryLMModule(L.LightningModule):
         ex = self.eval_examples
         self.train_accuracy = sum(teacher_forced(self.model, self.codec, ex)["exact"]) / max(1, len(ex))
         self.model.train()
-        self.log("train_acc", self.train_accuracy, prog_bar=True)
-        minutes = (time.monotonic() - self.started) / 60
-        if self.train_accuracy >= self.cfg.stop_at_accuracy or (
-            self.cfg.max_minutes and minutes >= self.cfg.max_minutes
-        ):
-            self.trainer.should_stop = True
+        self.log("train_acc", self.train_accuracy, prog_bar=True)  # EarlyStopping reads it next
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["knowedit_config"] = to_yaml(self.cfg)  # what --resume must match
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_resumable(checkpoint.get("knowedit_config"), self.cfg)
+
+
+def _scale_at_batch(batch: int, *, per_batch: int, warmup: int, total: int, min_ratio: float) -> float:
+    return warmup_cosine(per_batch * batch, warmup, total, min_ratio)
+
+
+def _as_list(x: Any) -> list:  # noqa: ANN401 - Lightning returns one object or a list
+    if x is None:
+        return []
+    return x if isinstance(x, list) else [x]
+
+
+def check_resumable(saved_yaml: str | None, cfg: TrainConfig) -> None:
+    """Refuse to resume a run whose model, data, optimizer or seed differ from ``cfg``.
+
+    Raises:
+        ValueError: one line naming the first keys that differ, old and new values.
+    """
+    import yaml
+
+    if saved_yaml is None:
+        raise ValueError("the resume checkpoint was not written by knowedit train (no saved config)")
+    saved, now = yaml.safe_load(saved_yaml), yaml.safe_load(to_yaml(cfg))
+    diffs = [
+        f"{key}={_at(saved, key)!r} before, {_at(now, key)!r} now"
+        for section in ("seed", "model", "data", "optim")
+        for key in _leaf_keys(now, section)
+        if _at(saved, key) != _at(now, key)
+    ]
+    if diffs:
+        raise ValueError(
+            f"cannot resume: the run was started with other settings ({'; '.join(diffs[:3])}); "
+            "resume with the recipe and overrides it was started with"
+        )
+
+
+def _leaf_keys(tree: dict, key: str) -> list[str]:
+    node = _at(tree, key)
+    if isinstance(node, dict):
+        return [k for sub in node for k in _leaf_keys(tree, f"{key}.{sub}")]
+    return [key]
+
+
+def _at(tree: dict, key: str) -> Any:  # noqa: ANN401 - any YAML value
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+class _AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to a temporary file beside the target, then a rename: a run killed
+    mid-write leaves the previous ``last.ckpt`` whole (Lightning's own writer stages the
+    file in the system temp directory, and moves it across file systems by copying)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:  # noqa: ANN401
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+
+
+def _callbacks(cfg: TrainConfig, out: Path, n_eval: int) -> list[L.Callback]:
+    """Resume checkpoint (each ``checkpoint_every_n_epochs``) and early stopping at ``stop_at_accuracy``."""
+    callbacks: list[L.Callback] = []
+    if cfg.checkpoint_every_n_epochs:
+        callbacks.append(ModelCheckpoint(
+            dirpath=str((out / RESUME_FILE).parent), filename=Path(RESUME_FILE).stem, monitor=None, save_top_k=1,
+            every_n_epochs=cfg.checkpoint_every_n_epochs, save_on_train_epoch_end=True, enable_version_counter=False,
+        ))  # fmt: skip
+    threshold = accuracy_threshold(cfg.stop_at_accuracy, n_eval)
+    if threshold is not None:
+        callbacks.append(EarlyStopping(
+            monitor="train_acc", mode="max", stopping_threshold=threshold, patience=sys.maxsize,
+            check_on_train_epoch_end=True, check_finite=False,
+        ))  # fmt: skip
+    return callbacks
+
+
+def accuracy_threshold(stop_at: float, n: int) -> float | None:
+    """EarlyStopping's ``stopping_threshold`` for "accuracy over ``n`` examples >= ``stop_at``".
+
+    EarlyStopping stops when the metric is strictly above the threshold, and reads it as
+    float32. Accuracy is a multiple of ``1/n``, so the threshold is half a step below the
+    lowest reachable accuracy that is ``>= stop_at``: exact in both respects. None: not reachable.
+    """
+    need = next((c for c in range(n + 1) if c / max(1, n) >= stop_at), None)
+    return None if need is None else (need - 0.5) / max(1, n)
 
 
 def _logger(cfg: TrainConfig, out: Path):  # noqa: ANN202
@@ -151,12 +332,43 @@ def _logger(cfg: TrainConfig, out: Path):  # noqa: ANN202
         return L.pytorch.loggers.CSVLogger(str(out), name="logs")
     if cfg.logger == "tensorboard":
         return L.pytorch.loggers.TensorBoardLogger(str(out), name="logs")
-    if cfg.logger == "none":
-        return False
-    raise ValueError(f"unknown logger {cfg.logger!r} (csv, tensorboard, none)")
+    return False
 
 
-def train(cfg: TrainConfig, progress: bool = True, config_dir: str | Path | None = None) -> dict:
+def check_settings(cfg: TrainConfig) -> None:
+    """Check the recipe's own choices and every ``trainer.*`` key, before anything is written.
+
+    Raises:
+        ValueError: one line: an unknown logger, a logger whose package is missing, an
+            unknown value optimizer, a negative ``checkpoint_every_n_epochs``, a key
+            ``lightning.Trainer`` does not take (with the nearest names), or one the recipe
+            sets itself (with what to use instead).
+    """
+    import importlib.util
+
+    if cfg.logger not in LOGGERS:
+        raise ValueError(f"unknown logger {cfg.logger!r}; choose from {', '.join(LOGGERS)}")
+    if cfg.logger == "tensorboard" and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        raise ValueError("logger=tensorboard needs the tensorboard package (pip install tensorboard); or use logger=csv")
+    if cfg.optim.value_optimizer not in VALUE_OPTIMIZERS:
+        raise ValueError(
+            f"optim.value_optimizer must be one of {', '.join(VALUE_OPTIMIZERS)}, not {cfg.optim.value_optimizer!r}"
+        )
+    if cfg.checkpoint_every_n_epochs < 0:
+        raise ValueError(f"checkpoint_every_n_epochs must be >= 0 (0: none), got {cfg.checkpoint_every_n_epochs}")
+    known = [k for k in inspect.signature(L.Trainer.__init__).parameters if k != "self"]
+    for key in cfg.trainer:
+        if key in TRAINER_OWNED:
+            raise ValueError(f"trainer.{key} is set by the recipe: {TRAINER_OWNED[key]}")
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=3)
+            hint = f"; did you mean {', '.join('trainer.' + k for k in near)}?" if near else ""
+            raise ValueError(f"unknown trainer key trainer.{key}: lightning.Trainer takes no argument {key!r}{hint}")
+
+
+def train(
+    cfg: TrainConfig, progress: bool = True, config_dir: str | Path | None = None, resume: bool = False
+) -> dict:
     """Train per ``cfg`` and write the checkpoint directory ``cfg.out``.
 
     Runs repeat on CPU for a given ``cfg.seed`` and ``cfg.threads``: every random
@@ -169,6 +381,9 @@ def train(cfg: TrainConfig, progress: bool = True, config_dir: str | Path | None
         config_dir: the recipe file's directory: a relative ``data.path`` that is
             not found from the current directory is looked up there
             (:func:`resolve_data_path`).
+        resume: continue from ``cfg.out``'s resume checkpoint (:data:`RESUME_FILE`),
+            the weights, optimizer, schedule, epoch and early-stopping state of the
+            last epoch it saved; the run then ends where an uninterrupted one would.
 
     Returns:
         The training report: accuracies, wall time, the thread count, sizes.
@@ -178,11 +393,19 @@ def train(cfg: TrainConfig, progress: bool = True, config_dir: str | Path | None
             a negative thread count, a data file that is not there (naming the
             ``data.path=`` override), a training example longer than the
             model's context (naming the ``model.max_seq_len=`` override), or a
-            setting Lightning refuses; nothing is written then.
+            setting Lightning refuses, a bad setting named by :func:`check_settings`,
+            or ``resume`` without a resume checkpoint; nothing is written then.
     """
     t0 = time.monotonic()
     _quiet_lightning()
-    check_accelerator(cfg.accelerator)  # before anything is written
+    fold_trainer_aliases(cfg)
+    check_settings(cfg)  # before anything is written
+    check_accelerator(cfg.accelerator)
+    if resume and not (Path(cfg.out) / RESUME_FILE).is_file():
+        raise ValueError(
+            f"nothing to resume: {Path(cfg.out) / RESUME_FILE} does not exist (train without --resume, "
+            "or give the --out of the interrupted run)"
+        )
     resolve_data_path(cfg, config_dir)
     if cfg.threads < 0:
         raise ValueError(f"threads must be >= 0 (0: torch's default), got {cfg.threads}")
@@ -192,41 +415,50 @@ def train(cfg: TrainConfig, progress: bool = True, config_dir: str | Path | None
         # seed gives the same weights only with the same thread count.
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg, progress, t0)
+        return _train(cfg, progress, t0, resume)
     finally:
         torch.set_num_threads(prior_threads)
 
 
-def _train(cfg: TrainConfig, progress: bool, t0: float) -> dict:
+def _train(cfg: TrainConfig, progress: bool, t0: float, resume: bool) -> dict:
     out = Path(cfg.out)
-    try:  # first: a Trainer that cannot be built leaves nothing behind
-        trainer = L.Trainer(
-            max_epochs=cfg.max_epochs,
-            max_steps=cfg.max_steps,
-            accelerator=cfg.accelerator,
-            devices=1,
-            precision=cfg.precision,
-            logger=_logger(cfg, out),
-            enable_checkpointing=False,
-            enable_progress_bar=progress,
-            enable_model_summary=False,
-            log_every_n_steps=10,
-        )
-    except (ImportError, MisconfigurationException) as err:  # what check_accelerator cannot foresee
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(
-            f"cannot train with accelerator {cfg.accelerator!r} and precision {cfg.precision!r}: {first}"
-        ) from None
     L.seed_everything(cfg.seed, verbose=False)
     random.seed(cfg.seed)
     dm = FactDataModule(cfg)
+    eval_sample = dm.train_ex if len(dm.train_ex) <= 4000 else random.Random(cfg.seed).sample(dm.train_ex, 4000)
+    settings = {"devices": 1, **cfg.trainer}
+    try:  # before writing: a Trainer that cannot be built leaves nothing behind
+        trainer = L.Trainer(
+            max_epochs=cfg.max_epochs,
+            max_steps=cfg.max_steps,
+            max_time=timedelta(minutes=cfg.max_minutes) if cfg.max_minutes else None,
+            accelerator=cfg.accelerator,
+            precision=cfg.precision,
+            logger=_logger(cfg, out),
+            callbacks=_callbacks(cfg, out, len(eval_sample)),
+            enable_checkpointing=bool(cfg.checkpoint_every_n_epochs),
+            plugins=[_AtomicCheckpointIO()],
+            enable_progress_bar=progress,
+            enable_model_summary=settings.pop("enable_model_summary", False),
+            log_every_n_steps=settings.pop("log_every_n_steps", 10),
+            **settings,
+        )
+    except (ImportError, MisconfigurationException, TypeError, ValueError) as err:  # what the checks cannot foresee
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        extra = "".join(f", trainer.{k}={v!r}" for k, v in cfg.trainer.items())
+        raise ValueError(
+            f"cannot train with accelerator {cfg.accelerator!r} and precision {cfg.precision!r}{extra}: {first}"
+        ) from None
     check_fit(dm.train_ex, dm.codec, cfg.model.max_seq_len)  # before the first step, and before writing
     out.mkdir(parents=True, exist_ok=True)
+    if not resume:  # a fresh run: an earlier run's resume state must not be resumed later
+        (out / RESUME_FILE).unlink(missing_ok=True)
     cfg.model.vocab_size = dm.codec.vocab_size
     model = build_model(cfg.model, seed=cfg.seed)
-    eval_sample = dm.train_ex if len(dm.train_ex) <= 4000 else random.Random(cfg.seed).sample(dm.train_ex, 4000)
     module = MemoryLMModule(cfg, model, eval_sample, dm.codec)
-    trainer.fit(module, datamodule=dm)
+    # weights_only: the resume file is read by torch's restricted unpickler (tensors and
+    # plain containers only), never by plain pickle.
+    trainer.fit(module, datamodule=dm, ckpt_path=str(out / RESUME_FILE) if resume else None, weights_only=True)
     model = module.model.cpu().eval()
     train_seconds = time.monotonic() - t0
     save_checkpoint(out, model, dm.codec, cfg)
@@ -350,6 +582,7 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*treespec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*litlogger.*")
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")  # --resume
 
 
 def _mean(xs: list[bool]) -> float:

@@ -11,6 +11,7 @@ import pytest
 from knowedit.checkpoint import load_checkpoint
 from knowedit.config import TrainConfig, load_train_config, model_config_from_yaml
 from knowedit.data import load_records, make_world, read_examples
+from knowedit.recipes.train import RESUME_FILE
 
 CKPT_FILES = [
     "model.safetensors",
@@ -42,7 +43,8 @@ def test_checkpoint_directory(debug_ckpt: Path) -> None:
     # a synthetic world also ships its held-out phrasings and ready-made edits
     assert (debug_ckpt / "heldout.jsonl").is_file()
     assert load_records(debug_ckpt / "edits.jsonl")
-    assert not list(debug_ckpt.rglob("*.ckpt"))  # Lightning checkpoints are off
+    # Lightning's resume state, the only .ckpt file: --resume continues from it
+    assert [p.relative_to(debug_ckpt).as_posix() for p in debug_ckpt.rglob("*.ckpt")] == [RESUME_FILE]
 
 
 def test_config_yaml_reloads_into_the_schema(debug_ckpt: Path) -> None:
