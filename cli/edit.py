@@ -64,6 +64,11 @@ def apply(
     resume: Annotated[
         bool, typer.Option("--resume", help="With --file: skip requests already live in the ledger (finish a batch that stopped, retry the failed ones).")
     ] = False,
+    batch: Annotated[
+        int,
+        typer.Option("--batch", help="With --file: apply the requests N at a time, each group in one optimisation and one "
+                     "ledger event (reverting its id reverts the group)."),
+    ] = 1,
     author: Annotated[str | None, typer.Option(help="Recorded in the ledger.")] = None,
     note: Annotated[str | None, typer.Option(help="Free text recorded in the ledger.")] = None,
     json_out: JsonOpt = False,
@@ -82,6 +87,10 @@ def apply(
         raise fail("--prompt and --target go together")
     if resume and file is None:
         raise fail("--resume goes with --file")
+    if batch != 1 and file is None:
+        raise fail("--batch goes with --file")
+    if batch < 1:
+        raise fail(f"--batch must be at least 1, got {batch}")
     if max_steps < 1:
         raise fail(f"--max-steps must be at least 1, got {max_steps} (with no step nothing would change)")
     opts = {"top_t": top_t, "max_steps": max_steps, "conflict": conflict}
@@ -102,12 +111,12 @@ def apply(
                 try:
                     recs = ed.edit_many(
                         reqs, on_edit=lambda _r: bar.advance(task), on_fail=lambda _i, _e: bar.advance(task),
-                        resume=resume, note=note, allow_failed=allow_failed, **opts,
+                        resume=resume, note=note, allow_failed=allow_failed, batch=batch, **opts,
                     )
                 except BatchFailed as err:
                     recs = err.applied
                     failed = [_failure_row(i, e) for i, e in err.failed]
-            skipped = len(reqs) - len(recs) - len(failed)
+            skipped = len(reqs) - sum(_n_requests(r) for r in recs) - len(failed)
     if json_out:
         rows = [_record_row(r) for r in recs]
         emit_json(rows[0] if file is None else {"applied": rows, "failed": failed, "skipped": skipped})
@@ -121,6 +130,11 @@ def apply(
         )
 
 
+def _n_requests(rec: object) -> int:
+    """Requests one applied record covers (a batch's, or 1)."""
+    return len(rec.metrics.get("requests") or [None])  # type: ignore[attr-defined]
+
+
 def _print_applied(recs: list, failed: list[dict], skipped: int) -> None:
     table = Table(title=f"{len(recs)} edit(s) applied" + (f", {skipped} already live (skipped)" if skipped else ""))
     add_id_column(table, [r.id for r in recs])
@@ -129,7 +143,7 @@ def _print_applied(recs: list, failed: list[dict], skipped: int) -> None:
     for r in recs:
         m = r.metrics
         table.add_row(
-            r.id, r.prompt, r.target_new, str(len(r.slots)), str(m["steps"]), f"{m['prob_before']:.3f}",
+            r.id, r.prompt + (f" (batch of {_n_requests(r)})" if _n_requests(r) > 1 else ""), r.target_new, str(len(r.slots)), str(m["steps"]), f"{m['prob_before']:.3f}",
             f"{m['prob_after']:.3f}", "yes" if m["success"] else "[red]no[/]", f"{m['total_ms']:.0f}",
         )
     console.print(table)

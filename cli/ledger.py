@@ -20,6 +20,7 @@ from knowedit.cli.common import (
     fail,
     friendly,
 )
+from knowedit.events import event_detail, event_summary
 
 app = typer.Typer(help="Inspect, verify and export the edit ledger.", no_args_is_help=True)
 
@@ -43,16 +44,6 @@ def open_existing_ledger(model: Path, ledger: str | None):  # noqa: ANN202
 
 
 
-def _summary(ev: object, live: set[str]) -> dict:
-    e = ev  # an Event
-    return {
-        "seq": e.seq, "kind": e.kind, "id": e.edit_id, "created_at": e.created_at, "author": e.author,
-        "prompt": e.request.get("prompt") if e.kind != "learn" else f"learning run on {e.request.get('data', '?')}",
-        "target_new": e.request.get("target_new"),
-        "slots": len(e.rows), "live": e.kind != "revert" and e.edit_id in live,
-    }
-
-
 @app.command("list")
 @friendly
 def list_(model: ModelOpt, ledger: LedgerOpt = None, json_out: JsonOpt = False) -> None:
@@ -60,7 +51,7 @@ def list_(model: ModelOpt, ledger: LedgerOpt = None, json_out: JsonOpt = False) 
     led = open_existing_ledger(model, ledger)
     events = led.events()
     live = {e.edit_id for e in led.live_edits()}
-    rows = [_summary(e, live) for e in events]
+    rows = [event_summary(e, live) for e in events]
     led.close()
     if json_out:
         emit_json(rows)
@@ -91,16 +82,7 @@ def show(
     """Show one edit: request, settings, metrics and the slots it changed."""
     led = open_existing_ledger(model, ledger)
     ev = led.get(edit_id)
-    out = {
-        "id": ev.edit_id, "seq": ev.seq, "created_at": ev.created_at, "author": ev.author, "note": ev.note,
-        "live": led.is_live(edit_id), "method": ev.method, "request": ev.request, "settings": ev.settings,
-        "metrics": ev.metrics, "hash": ev.hash,
-        "rows": [
-            {"pool": r.pool, "slot": r.slot, "dtype": str(r.after.dtype).removeprefix("torch."),
-             "change_l2": float((r.after.float() - r.before.float()).norm())}
-            for r in ev.rows
-        ],
-    }
+    out = event_detail(ev, led.is_live(edit_id))
     led.close()
     if json_out:
         emit_json(out)

@@ -23,6 +23,7 @@ import torch
 
 from knowedit.checkpoint import LEDGER_FILE, Checkpoint, load_checkpoint, save_checkpoint
 from knowedit.data.records import EditRequest, Example, requests_from
+from knowedit.events import event_requests
 from knowedit.guards import GuardBuilder
 from knowedit.inference import PromptError, encode_pair, greedy, teacher_forced
 from knowedit.ledger import (
@@ -358,11 +359,11 @@ class Editor:
 
     def _reads_of(self, ev: Event) -> dict[str, set[int]]:
         if ev.edit_id not in self._reads:
-            req = ev.request
-            trace, pos = trace_fact(self.model, self.codec, req["prompt"], req["target_new"], req.get("subject"), True)
             self._reads[ev.edit_id] = {}
-            for tr in trace:
-                self._reads[ev.edit_id].setdefault(tr.pool, set()).update(tr.slots[0, pos].flatten().tolist())
+            for req in event_requests(ev):
+                trace, pos = trace_fact(self.model, self.codec, req["prompt"], req["target_new"], req.get("subject"), True)
+                for tr in trace:
+                    self._reads[ev.edit_id].setdefault(tr.pool, set()).update(tr.slots[0, pos].flatten().tolist())
         return self._reads[ev.edit_id]
 
     # ----------------------------------------------------------------- ask
@@ -413,7 +414,7 @@ class Editor:
             if ev.edit_id in overlapping or any(
                 set(ids.tolist()) & reads.get(pool, set()) for pool, ids in chosen.items()
             ):
-                out.append(Example(ev.request["prompt"], ev.request["target_new"]))
+                out.extend(Example(r["prompt"], r["target_new"]) for r in event_requests(ev))
         if self.stats is not None and n > 0:
             counts: Counter[int] = Counter()
             for pool, ids in chosen.items():
@@ -433,7 +434,7 @@ class Editor:
         p = prompt.strip()
         return {
             eid for eid, ev in self._live.items()
-            if ev.kind == "apply" and str(ev.request.get("prompt", "")).strip() == p
+            if any(str(r.get("prompt", "")).strip() == p for r in event_requests(ev))
         }
 
     def _options(self, options: Mapping[str, object]) -> EditOptions:
@@ -484,27 +485,74 @@ class Editor:
         anyway (the evaluation harness does, to count it in reliability).
         """
         opts = self._options(options)
+        self._check_request(req)
+        return self._commit([req], opts, note, allow_failed)
+
+    def edit_batch(
+        self, requests: str | Path | Iterable[Mapping | EditRequest], note: str | None = None, *,
+        allow_failed: bool = False, **options: object,
+    ) -> EditRecord:
+        """Apply several requests in one optimisation and one ledger event (batch editing, as MEMIT does).
+
+        Each request's slots are located as for a single edit (``top_t`` of them
+        each); the union of their rows is optimised until every request reaches
+        its target while the guards (the background readers of those rows and the
+        live edits) keep their answers. The ledger gets one ``apply`` event whose
+        request is ``{"batch": n, "requests": [...]}``; reverting its id reverts the
+        whole batch. Final-layer editing only (``layers="last"``).
+
+        Returns:
+            One :class:`EditRecord` for the batch: ``prompt`` and ``target_new`` are
+            the first request's, ``metrics["requests"]`` has each request's result.
+
+        Raises:
+            EditFailed: some request did not reach its target (and ``allow_failed``
+                is False); nothing is written. It names every failed request.
+            EditError: an empty batch, a prompt given twice, ``layers="all"``, or a bad request.
+        """
+        reqs = requests_from(requests)
+        opts = self._options(options)
+        if not reqs:
+            raise EditError("an empty batch: give at least one request")
+        if opts.layers != "last":
+            raise EditError("batch editing changes the last memory layer only: use layers='last'")
+        prompts = [r.prompt.strip() for r in reqs]
+        dup = sorted({p for p in prompts if prompts.count(p) > 1})
+        if dup:
+            raise EditError(f"a batch edits each prompt once; given twice: {dup[:3]}")
+        for i, r in enumerate(reqs):
+            try:
+                self._check_request(r)
+            except (PromptError, EditError) as err:
+                raise EditError(f"request {i + 1} of the batch: {err}") from None
+        return self._commit(reqs, opts, note, allow_failed)
+
+    def _check_request(self, req: EditRequest) -> None:
         if req.subject is not None and req.subject not in req.prompt:
             raise EditError(f"subject {req.subject!r} does not occur in the prompt")
         self._check(req)
+
+    def _commit(self, reqs: list[EditRequest], opts: EditOptions, note: str | None, allow_failed: bool) -> EditRecord:
+        """Compute the edit of ``reqs`` and append it as one ledger event (see :meth:`apply`)."""
         self._ensure_background()  # before any write: a damaged side file fails here
         pre: _Attempt | None = None
         if self._reader_ledger() is None:
             # No ledger yet: compute first, so that a failed edit does not create one.
-            pre = self._attempt(req, opts)
+            pre = self._attempt(reqs, opts)
             if not allow_failed:
-                self._require_success(req, pre, opts)
+                self._require_success(reqs, pre, opts)
+        request = reqs[0].to_dict() if len(reqs) == 1 else {"batch": len(reqs), "requests": [r.to_dict() for r in reqs]}
         with self._writable_ledger().transaction() as txn:
             t_start = time.perf_counter()
             fresh = txn.events(after_seq=self._seq)
             self._sync(fresh, txn)
-            att = pre if pre is not None and not fresh else self._attempt(req, opts)
+            att = pre if pre is not None and not fresh else self._attempt(reqs, opts)
             if att is pre:  # computed before the transaction: its time counts as compute
                 t_start -= att.compute_ms / 1000
             if not allow_failed:
-                self._require_success(req, att, opts)  # raised inside: nothing is appended
+                self._require_success(reqs, att, opts)  # raised inside: nothing is appended
             ev = txn.append_apply(
-                request=req.to_dict(), method="sparse", settings=opts.to_dict(), metrics=att.metrics,
+                request=request, method="sparse", settings=opts.to_dict(), metrics=att.metrics,
                 rows=att.rows, author=self.author, note=note,
             )
         # Committed: only now does the live model change.
@@ -515,51 +563,73 @@ class Editor:
         # Everything but locate+optimise is ledger work: the lock, syncing,
         # encoding rows, the insert and the durable commit.
         out = dict(att.metrics, total_ms=round(total_ms, 2), ledger_ms=round(total_ms - att.compute_ms, 2))
+        req = reqs[0]
         return EditRecord(ev.edit_id, req.prompt, req.target_new, req.subject, [(r.pool, r.slot) for r in ev.rows], out, att.conflicts, ev.seq)
 
     @staticmethod
-    def _require_success(req: EditRequest, att: _Attempt, opts: EditOptions) -> None:
+    def _require_success(reqs: list[EditRequest], att: _Attempt, opts: EditOptions) -> None:
         m = att.metrics
         if m["success"]:
             return
+        rule = (
+            f"success needs every target token to be the argmax with probability >= {opts.min_prob} and the "
+            "guards kept). Nothing was written. Give it more steps (max_steps, --max-steps) or keep it anyway "
+            "(allow_failed=True, --allow-failed)"
+        )
+        if len(reqs) == 1:
+            req = reqs[0]
+            raise EditFailed(
+                f"edit not applied: {req.prompt!r} -> {req.target_new!r} did not reach its target "
+                f"(probability {m['prob_after']:.4f} after {m['steps']} step(s); {rule}",
+                req,
+                dict(m),
+            )
+        bad = [(i, r) for i, (r, res) in enumerate(zip(reqs, m["requests"])) if not res["success"]]
+        which = "; ".join(f"request {i + 1} ({r.prompt!r} -> {r.target_new!r})" for i, r in bad)
         raise EditFailed(
-            f"edit not applied: {req.prompt!r} -> {req.target_new!r} did not reach its target "
-            f"(probability {m['prob_after']:.4f} after {m['steps']} step(s); success needs every target "
-            f"token to be the argmax with probability >= {opts.min_prob} and the guards kept). Nothing was "
-            "written. Give it more steps (max_steps, --max-steps) or keep it anyway (allow_failed=True, --allow-failed)",
-            req,
+            f"batch not applied: {len(bad)} of {len(reqs)} request(s) did not reach their targets after "
+            f"{m['steps']} step(s): {which} ({rule}",
+            bad[0][1],
             dict(m),
         )
 
-    def _attempt(self, req: EditRequest, opts: EditOptions) -> _Attempt:
+    def _attempt(self, reqs: list[EditRequest], opts: EditOptions) -> _Attempt:
         """Locate the slots and optimise their rows against the live model (changes nothing)."""
         t0 = time.perf_counter()
-        examples = [Example(req.prompt.strip(), req.target_new.strip()), *self._cophrases(req, opts)]
-        ranked = self._locate_all(examples, req.subject, opts)
+        primary = [Example(r.prompt.strip(), r.target_new.strip()) for r in reqs]
+        cophrases = [self._cophrases(r, opts) for r in reqs]
+        examples = [*primary, *(e for c in cophrases for e in c)]
         # A live edit of the same prompt is being replaced: its slots are not in the way.
-        same = self._same_prompt_edits(req.prompt)
+        same = set().union(*(self._same_prompt_edits(r.prompt) for r in reqs))
         owned = {pool: {slot: eid for slot, eid in m.items() if eid not in same} for pool, m in self._owned().items()}
+        picked: dict[tuple[str, int], SlotScore] = {}
         clash: dict[str, list[tuple[str, int]]] = {}
-        for sc in ranked[: opts.top_t]:
-            eid = owned.get(sc.pool, {}).get(sc.slot)
-            if eid is not None:
-                clash.setdefault(eid, []).append((sc.pool, sc.slot))
-        if opts.conflict == "avoid" and clash:
-            ranked = [sc for sc in ranked if sc.slot not in owned.get(sc.pool, {})]
-        if not ranked:
-            raise EditError(
-                f"no slot left to edit for {req.prompt!r}: every candidate slot belongs to a live edit "
-                "(conflict=avoid); use conflict=joint, or revert those edits"
-            )
-        chosen = slots_by_pool(ranked[: opts.top_t])
+        for r, ex, co in zip(reqs, primary, cophrases):
+            ranked = self._locate_all([ex, *co], r.subject, opts)
+            for sc in ranked[: opts.top_t]:
+                eid = owned.get(sc.pool, {}).get(sc.slot)
+                if eid is not None and (sc.pool, sc.slot) not in clash.get(eid, []):
+                    clash.setdefault(eid, []).append((sc.pool, sc.slot))
+            if opts.conflict == "avoid":
+                ranked = [sc for sc in ranked if sc.slot not in owned.get(sc.pool, {})]
+            if not ranked:
+                raise EditError(
+                    f"no slot left to edit for {r.prompt!r}: every candidate slot belongs to a live edit "
+                    "(conflict=avoid); use conflict=joint, or revert those edits"
+                )
+            for sc in ranked[: opts.top_t]:
+                picked.setdefault((sc.pool, sc.slot), sc)
+        chosen = slots_by_pool(list(picked.values()))
         final_only = opts.layers == "last" and uses_final_pool_only(self.model, set(chosen))
         if final_only:
             pool, ids = next(iter(chosen.items()))
             guards = self._final_guards(pool, ids, {e.prompt for e in examples}, opts.guard_reads)
-            res = final_layer_rows(self.model, self.codec, examples, ids, guards, opts)
+            res = final_layer_rows(self.model, self.codec, examples, ids, guards, opts, n_primary=len(reqs))
             n_guard = guards.x_mid.shape[0]
+        elif len(reqs) > 1:
+            raise EditError("batch editing needs a memory layer in the last block (final-layer editing)")
         else:
-            guards = self._guards(req, chosen, set(clash), opts.guard_facts)
+            guards = self._guards(reqs[0], chosen, set(clash), opts.guard_facts)
             res = optimise_rows(self.model, self.codec, examples[0], chosen, guards, opts)
             n_guard = len(guards)
         compute_ms = (time.perf_counter() - t0) * 1000
@@ -583,11 +653,17 @@ class Editor:
             "guards": n_guard,
             "free_dims": res.free_dims,
             "guard_kl": round(res.guard_kl, 6),
-            "cophrases": [e.prompt for e in examples[1:]],
-            "cophrases_passed": res.edits_passed - int(res.success),
+            "cophrases": [e.prompt for c in cophrases for e in c],
+            "cophrases_passed": res.edits_passed - sum(res.passed[: len(reqs)]) if res.passed else res.edits_passed - int(res.success),
             "compute_ms": round(compute_ms, 2),
             "conflicts": conflicts,
         }
+        if len(reqs) > 1:
+            assert res.passed is not None
+            metrics["requests"] = [
+                {"prompt": r.prompt, "target_new": r.target_new, "success": bool(ok), "cophrases": [e.prompt for e in co]}
+                for r, ok, co in zip(reqs, res.passed, cophrases)
+            ]
         return _Attempt(rows, metrics, conflicts, compute_ms)
 
     def _cophrases(self, req: EditRequest, opts: EditOptions) -> list[Example]:
@@ -600,8 +676,8 @@ class Editor:
             return []
         prompt = req.prompt.strip()
         seen, out = {prompt}, []
-        for d in self.docs:
-            if d.answer == old and req.subject in d.prompt and d.prompt not in seen:
+        for d in self.guards.docs_answering(old):
+            if req.subject in d.prompt and d.prompt not in seen:
                 seen.add(d.prompt)
                 out.append(Example(d.prompt, req.target_new.strip()))
         return out
@@ -629,8 +705,12 @@ class Editor:
         for eid in live:
             if eid not in self.guards.live:
                 ev = self._live[eid]
-                prompts = [ev.request["prompt"], *ev.metrics.get("cophrases", [])]
-                self.guards.live.add(eid, self.guards.edit_reads(prompts, ev.request["target_new"]))
+                reads = []
+                per_request = ev.metrics.get("requests")
+                for i, r in enumerate(event_requests(ev)):
+                    co = per_request[i]["cophrases"] if per_request else ev.metrics.get("cophrases", [])
+                    reads += self.guards.edit_reads([r["prompt"], *co], r["target_new"])
+                self.guards.live.add(eid, reads)
         k = EditOptions().guard_reads if per_slot is None else per_slot
         return self.guards.build(pool, slots, editing, k, live)
 
@@ -643,6 +723,7 @@ class Editor:
         note: str | None = None,
         allow_failed: bool = False,
         on_fail: Callable[[int, EditFailed], None] | None = None,
+        batch: int = 1,
         **options: object,
     ) -> list[EditRecord]:
         """Apply EasyEdit-format requests (dicts, :class:`EditRequest` or a JSON/JSONL path) in order.
@@ -660,7 +741,11 @@ class Editor:
                 retries the requests that failed.
             note: free text stored with every edit.
             allow_failed: commit edits that do not reach their targets too.
-            on_fail: called with (index, error) for each request that failed.
+            on_fail: called with (index, error) for each request that failed (for
+                a group, each of its requests that missed its target).
+            batch: apply the requests ``batch`` at a time, each group in one
+                optimisation and one ledger event (:meth:`edit_batch`); a group
+                that fails writes nothing, and its failed requests are named.
             **options: :class:`knowedit.update.EditOptions` fields.
 
         Returns:
@@ -675,6 +760,8 @@ class Editor:
         """
         reqs = requests_from(requests)
         self._options(options)
+        if batch < 1:
+            raise EditError(f"batch must be at least 1, got {batch}")
         for i, r in enumerate(reqs):
             try:
                 self._check(r)
@@ -683,15 +770,21 @@ class Editor:
         live = self.live_requests() if resume else set()
         out: list[EditRecord] = []
         failed: list[tuple[int, EditFailed]] = []
-        for i, r in enumerate(reqs):
-            if _request_key(r) in live:
-                continue
+        todo = [(i, r) for i, r in enumerate(reqs) if _request_key(r) not in live]
+        groups = [todo[s : s + batch] for s in range(0, len(todo), batch)]
+        for group in groups:
+            i, r = group[0]
             try:
-                rec = self.apply(r, note=note, allow_failed=allow_failed, **options)
+                if batch == 1:
+                    rec = self.apply(r, note=note, allow_failed=allow_failed, **options)
+                else:
+                    rec = self.edit_batch([q for _, q in group], note=note, allow_failed=allow_failed, **options)
             except EditFailed as err:
-                failed.append((i, err))
-                if on_fail:
-                    on_fail(i, err)
+                for j, q in group:  # a failed group writes none of its requests
+                    e = err if batch == 1 else EditFailed(str(err), q, err.metrics)
+                    failed.append((j, e))
+                    if on_fail:
+                        on_fail(j, e)
                 continue
             except (EditError, LedgerError) as err:
                 done = ", ".join(x.id for x in out) or "none"
@@ -704,7 +797,7 @@ class Editor:
                     applied=out,
                     index=i,
                 ) from err
-            live.add(_request_key(r))
+            live.update(_request_key(q) for _, q in group)
             out.append(rec)
             if on_edit:
                 on_edit(rec)
@@ -727,9 +820,9 @@ class Editor:
         """(prompt, target_new, subject) of every live edit."""
         self.refresh()
         return {
-            (str(ev.request.get("prompt", "")).strip(), str(ev.request.get("target_new", "")).strip(), ev.request.get("subject"))
+            (str(r.get("prompt", "")).strip(), str(r.get("target_new", "")).strip(), r.get("subject"))
             for ev in self._live.values()
-            if ev.kind == "apply"
+            for r in event_requests(ev)
         }
 
     # -------------------------------------------------------------- revert

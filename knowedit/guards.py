@@ -212,6 +212,15 @@ class GuardBuilder:
         self.background = BackgroundCache(model, codec, docs, cache_rows)
         self.live = LiveReads()
         self._by_prompt: dict[str, list[int]] | None = None
+        self._by_answer: dict[str, list[Example]] | None = None
+
+    def docs_answering(self, answer: str) -> list[Example]:
+        """Background documents whose answer is ``answer``, in corpus order."""
+        if self._by_answer is None:
+            self._by_answer = {}
+            for d in self.docs:
+                self._by_answer.setdefault(d.answer, []).append(d)
+        return self._by_answer.get(answer, [])
 
     def _docs_of(self, prompt: str) -> list[int]:
         """Background documents with this prompt."""

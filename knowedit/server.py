@@ -45,6 +45,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from knowedit.events import event_detail, event_summary
+
 log = logging.getLogger("uvicorn.error.knowedit")
 
 T = TypeVar("T")
@@ -358,30 +360,6 @@ def record_json(rec: Any) -> dict[str, Any]:
     d = rec.to_dict()
     d["slots"] = [list(s) for s in d["slots"]]
     return d
-
-
-def event_summary(ev: Any, live: set[str]) -> dict[str, Any]:
-    """One ledger event as a row of ``knowedit ledger list --json``."""
-    return {
-        "seq": ev.seq, "kind": ev.kind, "id": ev.edit_id, "created_at": ev.created_at, "author": ev.author,
-        "prompt": ev.request.get("prompt") if ev.kind != "learn" else f"learning run on {ev.request.get('data', '?')}",
-        "target_new": ev.request.get("target_new"),
-        "slots": len(ev.rows), "live": ev.kind != "revert" and ev.edit_id in live,
-    }
-
-
-def event_detail(ev: Any, live: bool) -> dict[str, Any]:
-    """One edit as ``knowedit ledger show --json`` prints it."""
-    return {
-        "id": ev.edit_id, "seq": ev.seq, "created_at": ev.created_at, "author": ev.author, "note": ev.note,
-        "live": live, "method": ev.method, "request": ev.request, "settings": ev.settings,
-        "metrics": ev.metrics, "hash": ev.hash,
-        "rows": [
-            {"pool": r.pool, "slot": r.slot, "dtype": str(r.after.dtype).removeprefix("torch."),
-             "change_l2": float((r.after.float() - r.before.float()).norm())}
-            for r in ev.rows
-        ],
-    }
 
 
 # ----------------------------------------------------------- the service

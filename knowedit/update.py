@@ -38,6 +38,8 @@ class UpdateResult:
     """Guarded positions whose greedy token changed (final-layer editing)."""
     scale: float = 1.0
     """Share of the optimised change kept (below 1 when guards forced a backtrack)."""
+    passed: list[bool] | None = None
+    """Final-layer editing: whether each of the edits (requested, then co-phrasings) passes."""
 
 
 def margins(logits: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
@@ -301,6 +303,7 @@ def final_layer_rows(
     slots: torch.Tensor,
     guards: Guards,
     opts: EditOptions,
+    n_primary: int = 1,
 ) -> UpdateResult:
     """Edit the last block's memory rows ``slots``, keeping every guarded position.
 
@@ -317,10 +320,16 @@ def final_layer_rows(
     Args:
         model: the live model (left untouched).
         codec: its tokenizer.
-        edits: prompts with their new answers (the first is the requested edit).
+        edits: prompts with their new answers: the first ``n_primary`` are the
+            requested edits (all must pass), the rest their co-phrasings.
         slots: (t,) sorted slot ids of the final memory layer's pool.
         guards: positions to keep.
         opts: step budget, learning rate, stopping rule, constraint mode.
+        n_primary: requested edits at the head of ``edits`` (a batch edit has several).
+
+    Returns:
+        The rows; ``success`` when every requested edit passes, ``prob_before``
+        and ``prob_after`` the mean answer probability over the requested edits.
     """
     final = model.final_memory()
     if final is None:
@@ -363,8 +372,12 @@ def final_layer_rows(
         base_logits = run(zero, edit_rows)
         check = _GuardCheck(run, M, tgt)
     g_keep = check.m0.clamp(max=opts.guard_margin)  # (G,) margin each guard must keep
-    first = owner == 0
-    _, _, prob_before = _target_stats(base_logits[first], tgt[first])
+
+    def prob(logits: torch.Tensor) -> float:
+        """Mean answer probability of the requested edits (each its own mean)."""
+        return sum(_target_stats(logits[owner == i], tgt[owner == i])[2] for i in range(n_primary)) / n_primary
+
+    prob_before = prob(base_logits)
 
     # Active set: only guards that lost margin enter the loss; all of them are
     # re-checked (forward only) every few steps and whenever the edit looks done;
@@ -381,7 +394,7 @@ def final_layer_rows(
                 logits = run(delta, edit_rows)
                 ok_now = passed(logits)
                 # Co-phrasings get up to ``cophrase_steps``; the prompt itself the whole budget.
-                done = bool(ok_now.all()) or (bool(ok_now[0]) and steps >= opts.cophrase_steps)
+                done = bool(ok_now.all()) or (bool(ok_now[:n_primary].all()) and steps >= opts.cophrase_steps)
                 last = steps == opts.max_steps
                 if G and (done or steps % 8 == 0 or last):
                     with torch.no_grad():
@@ -425,17 +438,18 @@ def final_layer_rows(
             logits = run(delta, edit_rows)
         flips = 0
     ok = passed(logits)
-    _, _, prob_after = _target_stats(logits[first], tgt[first])
+    prob_after = prob(logits)
     rows = (base_rows + delta).to(values.dtype)
     return UpdateResult(
         rows={final.pool.name: rows},
         prob_before=prob_before,
         prob_after=prob_after,
         steps=steps,
-        success=bool(ok[0]),
+        success=bool(ok[:n_primary].all()),
         guard_kl=0.0,
         free_dims=basis.shape[1],
         edits_passed=int(ok.sum()),
+        passed=ok.tolist(),
         guard_flips=flips,
         scale=scale,
     )
