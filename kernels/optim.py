@@ -283,6 +283,19 @@ class RowwiseAdagrad(torch.optim.Optimizer):
                 if p.dim() != 2:
                     raise ValueError(f"RowwiseAdagrad needs 2-D params, got {tuple(p.shape)}")
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`; the row accumulators stay fp32.
+
+        ``torch.optim.Optimizer`` casts floating state to its parameter's dtype, which
+        for a bf16/fp16 table would round the fp32 accumulators (and the steps refuse them).
+        """
+        sums = {i: s["sum"] for i, s in state_dict["state"].items() if "sum" in s}
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, total in sums.items():
+            p = params[i]
+            self.state[p]["sum"] = total.to(device=p.device, dtype=torch.float32).contiguous()
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Apply one update to every parameter that has a gradient.
