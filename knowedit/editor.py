@@ -43,12 +43,15 @@ from knowedit.update import (
     EditOptions,
     Guards,
     final_layer_rows,
+    guard_flips,
     optimise_rows,
     uses_final_pool_only,
 )
 
 PROVENANCE_FILE = "provenance.json"
 """Where an exported checkpoint (:meth:`Editor.save`) came from."""
+MAX_GUARD_ROUNDS = 3
+"""Times an edit is optimised again with the unguarded background readers it would flip added as guards."""
 REPLAY_PAGE = 256
 """Events decoded at a time when the editor replays a ledger (bounds memory on long ledgers)."""
 WAIT_ENV = "KNOWEDIT_LEDGER_WAIT_S"
@@ -621,11 +624,28 @@ class Editor:
                 picked.setdefault((sc.pool, sc.slot), sc)
         chosen = slots_by_pool(list(picked.values()))
         final_only = opts.layers == "last" and uses_final_pool_only(self.model, set(chosen))
+        checked = rounds = 0
         if final_only:
             pool, ids = next(iter(chosen.items()))
-            guards = self._final_guards(pool, ids, {e.prompt for e in examples}, opts.guard_reads)
+            editing = {e.prompt for e in examples}
+            guards = self._final_guards(pool, ids, editing, opts.guard_reads)
             res = final_layer_rows(self.model, self.codec, examples, ids, guards, opts, n_primary=len(reqs))
-            n_guard = guards.x_mid.shape[0]
+            # The optimisation guarded each slot's strongest readers; the others are
+            # checked once against the result, and any it would flip join the guards.
+            rest = self.guards.unguarded(pool, ids, editing, opts.guard_reads)
+            while rest is not None and len(rest):
+                checked += len(rest)
+                delta = res.rows[pool].float() - self.pools[pool][ids.to(self.pools[pool].device)].detach().float()
+                bad = guard_flips(self.model, self.codec, examples, ids, rest, delta)
+                if not bad.any():
+                    break
+                if rounds == MAX_GUARD_ROUNDS:  # still flipping: reported, never hidden
+                    res.guard_flips += int(bad.sum())
+                    break
+                guards, rest = guards + rest.take(bad), rest.take(~bad)
+                res = final_layer_rows(self.model, self.codec, examples, ids, guards, opts, n_primary=len(reqs))
+                rounds += 1
+            n_guard = len(guards)
         elif len(reqs) > 1:
             raise EditError("batch editing needs a memory layer in the last block (final-layer editing)")
         else:
@@ -651,6 +671,8 @@ class Editor:
             "guard_flips": res.guard_flips,
             "scale": res.scale,
             "guards": n_guard,
+            "guards_checked": checked,
+            "guard_rounds": rounds,
             "free_dims": res.free_dims,
             "guard_kl": round(res.guard_kl, 6),
             "cophrases": [e.prompt for c in cophrases for e in c],

@@ -40,23 +40,19 @@ DEFAULT_CACHE_ROWS = 1 << 18
 """Background positions whose residual stream is kept (about 130 MB at width 128)."""
 
 
-def strongest_reads(
-    col: torch.Tensor, doc: torch.Tensor, pos: torch.Tensor, w: torch.Tensor, per_slot: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keep, for each column (slot), its ``per_slot`` reads of largest weight (all if ``per_slot`` is 0).
-
-    Ties are broken by the reads' order, so the choice is deterministic.
-    """
+def strongest_mask(col: torch.Tensor, w: torch.Tensor, per_slot: int) -> torch.Tensor:
+    """(R,) bool: for each column (slot), its ``per_slot`` reads of largest weight
+    (every read if ``per_slot`` is 0). Ties are broken by the reads' order."""
     if per_slot <= 0 or col.numel() == 0:
-        return col, doc, pos, w
+        return torch.ones(col.numel(), dtype=torch.bool)
     by_w = torch.sort(w, descending=True, stable=True).indices
     order = by_w[torch.sort(col[by_w], stable=True).indices]  # by column, heaviest first
     c = col[order]
     counts = torch.bincount(c)
     starts = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
-    keep = order[(torch.arange(c.numel()) - starts) < per_slot]
-    keep = torch.sort(keep).values  # back in the index's order
-    return col[keep], doc[keep], pos[keep], w[keep]
+    mask = torch.zeros(col.numel(), dtype=torch.bool)
+    mask[order[(torch.arange(c.numel()) - starts) < per_slot]] = True
+    return mask
 
 
 class BackgroundCache:
@@ -253,6 +249,45 @@ class GuardBuilder:
                 out.append((prompt.strip(), x[i, st + j], ids[j].cpu(), w[j].cpu().float()))
         return out
 
+    def _reads(
+        self, pool: str, slots: torch.Tensor, editing: set[str], per_slot: int
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Background reads of ``slots`` (column, doc, position, weight), split into the
+        positions guarded during the optimisation (each slot's ``per_slot``
+        strongest readers, with every read they make of ``slots``) and the rest."""
+        e = torch.zeros(0, dtype=torch.long)
+        empty = (e, e, e, torch.zeros(0))
+        if self.stats is None or pool not in self.stats.inv_ptr or not self.docs:
+            return empty, empty
+        col, doc, pos, w = self.stats.reads(pool, slots)
+        if col.numel() and editing:
+            mine = torch.tensor([d for p in editing for d in self._docs_of(p)], dtype=torch.long)
+            keep = ~torch.isin(doc, mine)
+            col, doc, pos, w = col[keep], doc[keep], pos[keep], w[keep]
+        key = doc * (self.model.cfg.max_seq_len + 1) + pos
+        strong = torch.isin(key, key[strongest_mask(col, w, per_slot)])
+        return (col[strong], doc[strong], pos[strong], w[strong]), (col[~strong], doc[~strong], pos[~strong], w[~strong])
+
+    def _background_guards(self, reads: tuple[torch.Tensor, ...], t: int) -> tuple[torch.Tensor, torch.Tensor, Selection] | None:
+        col, doc, pos, w = reads
+        if not col.numel():
+            return None
+        row = self.background.rows(doc, pos)
+        uniq, inv = torch.unique(row, return_inverse=True)
+        a = torch.zeros(uniq.numel(), t)
+        a.index_put_((inv, col), w.float(), accumulate=True)
+        assert self.background.x is not None
+        return self.background.x[uniq], a, self.background.selection(uniq)
+
+    def unguarded(self, pool: str, slots: torch.Tensor, editing: set[str], per_slot: int) -> Guards | None:
+        """The background positions that read ``slots`` but are not among the
+        guards of :meth:`build` (None if there are none): an edit checks them
+        once it is found, and guards those it would flip."""
+        if per_slot <= 0:
+            return None
+        found = self._background_guards(self._reads(pool, slots, editing, per_slot)[1], slots.numel())
+        return None if found is None else Guards(found[0], found[1], found[2])
+
     def build(self, pool: str, slots: torch.Tensor, editing: set[str], per_slot: int, live: set[str]) -> Guards:
         """Guards for changing rows ``slots`` (sorted) of the last layer's ``pool``.
 
@@ -266,23 +301,12 @@ class GuardBuilder:
         C = self.model.cfg.d_model
         xs, ws, sels = [], [], []
         n_bg = 0
-        if self.stats is not None and pool in self.stats.inv_ptr and self.docs:
-            col, doc, pos, w = self.stats.reads(pool, slots)
-            if col.numel() and editing:
-                mine = torch.tensor([d for p in editing for d in self._docs_of(p)], dtype=torch.long)
-                keep = ~torch.isin(doc, mine)
-                col, doc, pos, w = col[keep], doc[keep], pos[keep], w[keep]
-            col, doc, pos, w = strongest_reads(col, doc, pos, w, per_slot)
-            if col.numel():
-                row = self.background.rows(doc, pos)
-                uniq, inv = torch.unique(row, return_inverse=True)
-                a = torch.zeros(uniq.numel(), slots.numel())
-                a.index_put_((inv, col), w.float(), accumulate=True)
-                assert self.background.x is not None
-                xs.append(self.background.x[uniq])
-                ws.append(a)
-                sels.append(self.background.selection(uniq))
-                n_bg = uniq.numel()
+        found = self._background_guards(self._reads(pool, slots, editing, per_slot)[0], slots.numel())
+        if found is not None:
+            xs.append(found[0])
+            ws.append(found[1])
+            sels.append(found[2])
+            n_bg = found[0].shape[0]
         prompts, lx, ls, lw = self.live.reading(slots, C, live)
         keep_live = [i for i, p in enumerate(prompts) if p not in editing]  # a re-edit of the same prompt replaces it
         if keep_live:

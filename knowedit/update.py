@@ -281,6 +281,21 @@ class _GuardCheck:
         return self.run(delta, self.offset + rows).argmax(-1)
 
 
+@torch.no_grad()
+def guard_flips(
+    model: MemoryLM, codec: TextCodec, edits: Sequence[Example], slots: torch.Tensor, guards: Guards, delta: torch.Tensor
+) -> torch.Tensor:
+    """(G,) bool: the ``guards`` whose greedy token a change ``delta`` (t, d_v) of the
+    rows ``slots`` would flip, exact on the whole vocabulary (the edits' targets
+    are scored as rivals first)."""
+    device = next(model.parameters()).device
+    batch = encode_examples(codec, list(edits), model.cfg.max_seq_len)
+    tgt = batch.targets[batch.targets != -100].to(device)
+    run = _FinalLayer(model, guards.x_mid.to(device), slots.to(device), guards.selection)
+    check = _GuardCheck(run, 0, tgt)
+    return ~(check.margins(delta.to(device), full=True) >= 0)
+
+
 @dataclass
 class Guards:
     """Positions whose greedy token an edit must keep, in the last memory layer.
@@ -294,6 +309,20 @@ class Guards:
     weights: torch.Tensor
     selection: Selection | None = None
     """What the last memory layer reads at each guard (:func:`final_selection`), if known."""
+
+    def __len__(self) -> int:
+        return self.x_mid.shape[0]
+
+    def take(self, rows: torch.Tensor) -> Guards:
+        """The guards at ``rows`` (an index or a bool mask)."""
+        sel = None if self.selection is None else tuple(None if t is None else t[rows] for t in self.selection)
+        return Guards(self.x_mid[rows], self.weights[rows], sel)  # type: ignore[arg-type]
+
+    def __add__(self, other: Guards) -> Guards:
+        sel = None
+        if self.selection is not None and other.selection is not None:
+            sel = tuple(None if a is None else torch.cat([a, b]) for a, b in zip(self.selection, other.selection))
+        return Guards(torch.cat([self.x_mid, other.x_mid]), torch.cat([self.weights, other.weights]), sel)  # type: ignore[arg-type]
 
 
 def final_layer_rows(
