@@ -1,0 +1,182 @@
+"""Editing at scale: edit latency, peak memory and quality as edits and background grow.
+
+Applies T edits one after another to a copy of a trained model (one ledger
+transaction each, as ``knowedit edit apply`` does) and reports:
+
+- per-edit wall time (median and p95, the first edit of the process apart:
+  it builds the FAISS indexes) and the guards per edit;
+- peak resident memory of the process (``ru_maxrss``) after each checkpoint
+  count of edits;
+- Rel/Gen (teacher-forced and greedy, :mod:`knowedit.evaluate`), locality on
+  the records' locality prompts, and locality on a random sample of
+  background sentences that name no edited subject ("Loc-bg"): each keeps
+  the greedy answer the model gave before any edit.
+
+``--background-extra N`` adds N sentences of another synthetic world (its own
+seed: names the model never saw) to the copy's background corpus and rebuilds
+its slot statistics: the same model then edits against a background N
+sentences larger. That isolates how an edit's cost grows with the background.
+
+    python bench/edit_scale.py --model runs/small --n 200 --threads 1
+    python bench/edit_scale.py --model runs/small --n 200 --threads 1 --background-extra 100000
+    python bench/edit_scale.py --model runs/small --n 200 --threads 1 --option guard_reads=0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    key, _, value = text.partition("=")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(value.lower(), value)
+
+
+def extra_background(n: int, seed: int) -> list:
+    """``n`` sentences of a synthetic world the model never saw."""
+    from knowedit.config import WorldConfig
+    from knowedit.data import make_world
+
+    per_entity = 4 * 3  # 4 relations x 3 trained phrasings
+    world = make_world(WorldConfig(entities=max(1, -(-n // per_entity)), seed=seed))
+    return world.train_examples()[:n]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True, help="checkpoint directory (left unchanged)")
+    ap.add_argument("--edits", type=Path, default=None, help="EasyEdit records (default: MODEL/edits.jsonl)")
+    ap.add_argument("--n", type=int, default=200, help="edits to apply (T)")
+    ap.add_argument("--checkpoints", default="", help="edit counts at which to record peak memory (default: n)")
+    ap.add_argument("--background-extra", type=int, default=0, help="sentences of an unseen world added to the background")
+    ap.add_argument("--loc-sample", type=int, default=2000, help="background sentences for Loc-bg")
+    ap.add_argument("--option", action="append", default=[], help="edit option KEY=VALUE (repeatable)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", type=Path, default=None, help="where the model copy goes (default: a temp dir)")
+    ap.add_argument("--json-out", type=Path, default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    from knowedit.data import load_records, write_jsonl
+    from knowedit.data.records import Example
+    from knowedit.editor import Editor
+    from knowedit.evaluate import ModelScorer, generalization, reliability
+    from knowedit.side_files import CORPUS_FILE, STATS_DOCS_FILE, STATS_FILE, read_docs
+
+    options = dict(parse_option(o) for o in args.option)
+    work = Path(tempfile.mkdtemp(prefix="edit_scale.", dir=args.workdir))
+    model = work / "model"
+    shutil.copytree(args.model, model, ignore=shutil.ignore_patterns("ledger.db*"))
+    reqs = load_records(args.edits or (args.model / "edits.jsonl"))[: args.n]
+    if len(reqs) < args.n:
+        sys.exit(f"only {len(reqs)} records for --n {args.n}")
+    if args.background_extra:
+        docs = read_docs(model / CORPUS_FILE) + extra_background(args.background_extra, seed=args.seed + 1)
+        write_jsonl(model / CORPUS_FILE, [{"prompt": d.prompt, "answer": d.answer} for d in docs])
+        for name in (STATS_FILE, STATS_DOCS_FILE):
+            (model / name).unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    ed = Editor.open(model)
+    n_background = len(ed.docs)  # builds the statistics if they are missing
+    stats_s = time.perf_counter() - t0
+    scorer = ModelScorer(ed.model, ed.codec)
+
+    # Background sample for Loc-bg: sentences that name no edited subject.
+    subjects = [r.subject or "" for r in reqs]
+    rng = random.Random(args.seed)
+    pool = [d for d in ed.docs if not any(s and s in d.prompt for s in subjects)]
+    sample = rng.sample(pool, min(args.loc_sample, len(pool)))
+    bg_before = scorer.greedy([d.prompt for d in sample])
+    loc_prompts = [p for r in reqs for p in r.locality_prompt]
+    edited = {q.strip() for r in reqs for q in (r.prompt, *r.rephrase_prompt)}
+    loc_prompts = [p for p in loc_prompts if p.strip() not in edited]
+    loc_before = scorer.greedy(loc_prompts)
+
+    marks = sorted({int(c) for c in args.checkpoints.split(",") if c} | {args.n})
+    times, guards, steps, ok, rss = [], [], [], 0, {}
+    for i, r in enumerate(reqs, 1):
+        t = time.perf_counter()
+        rec = ed.apply(r, allow_failed=True, **options)
+        times.append((time.perf_counter() - t) * 1000)
+        guards.append(rec.metrics["guards"])
+        steps.append(rec.metrics["steps"])
+        ok += bool(rec.metrics["success"])
+        if i in marks:
+            rss[i] = round(peak_rss_mb(), 1)
+        if i % 50 == 0:
+            print(f"{i}/{args.n} edits, median {statistics.median(times[1:] or times):.1f} ms, peak RSS {peak_rss_mb():.0f} MB", file=sys.stderr)
+
+    rel, gen = reliability(scorer, reqs), generalization(scorer, reqs)
+
+    def kept(prompts: list[str], before: list[str]) -> tuple[float | None, float | None]:
+        if not prompts:
+            return None, None
+        tf = scorer.teacher_forced([Example(p, b) for p, b in zip(prompts, before) if b])
+        tf = [x for x in tf if x == x]
+        after = scorer.greedy(prompts)
+        return (round(sum(tf) / len(tf), 4) if tf else None), round(sum(a == b for a, b in zip(after, before)) / len(prompts), 4)
+
+    loc_tf, loc_g = kept(loc_prompts, loc_before)
+    bg_tf, bg_g = kept([d.prompt for d in sample], bg_before)
+    rest = times[1:] or times
+    out = {
+        "model": str(args.model),
+        "edits": str(args.edits or (args.model / "edits.jsonl")),
+        "T": args.n,
+        "options": options,
+        "background_docs": n_background,
+        "background_extra": args.background_extra,
+        "open_s": round(stats_s, 2),
+        "first_edit_ms": round(times[0], 1),
+        "edit_ms_median": round(statistics.median(rest), 1),
+        "edit_ms_p95": round(pct(rest, 0.95), 1),
+        "guards_median": statistics.median(guards),
+        "steps_median": statistics.median(steps),
+        "success": round(ok / args.n, 4),
+        "peak_rss_mb": rss,
+        "rel_tf": rel["teacher_forced"], "rel_greedy": rel["greedy"],
+        "gen_tf": gen["teacher_forced"], "gen_greedy": gen["greedy"],
+        "loc_tf": loc_tf, "loc_greedy": loc_g, "loc_prompts": len(loc_prompts),
+        "loc_bg_tf": bg_tf, "loc_bg_greedy": bg_g, "loc_bg_prompts": len(sample),
+        "threads": args.threads, "seed": args.seed,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    ed.close()
+    shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(out, indent=2))
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
