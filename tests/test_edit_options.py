@@ -1,0 +1,41 @@
+"""EditOptions is the one source of every edit default: the CLI, the server and
+the docs' option table read it, and a read-only command writes nothing."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import fields
+from pathlib import Path
+
+import typer.main
+
+from knowedit.cli.app import app
+from knowedit.edit_options import EditOptions
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _command(*path: str):  # noqa: ANN202 - a click command (typer may vendor its own click)
+    cmd = typer.main.get_command(app)
+    for name in path:
+        cmd = cmd.commands[name]  # type: ignore[attr-defined]
+    return cmd
+
+
+def test_every_cli_edit_option_defaults_to_the_library() -> None:
+    defaults = EditOptions().to_dict()
+    apply = _command("edit", "apply")
+    seen = set()
+    for param in apply.params:
+        if param.name in defaults:
+            assert param.default == defaults[param.name], f"--{param.name}: {param.default!r} != {defaults[param.name]!r}"
+            seen.add(param.name)
+    assert {"top_t", "max_steps", "conflict"} <= seen
+
+
+def test_the_docs_option_table_lists_every_option_with_its_default() -> None:
+    text = (REPO / "docs" / "editing.md").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| `(\w+)` \| `?([^|`]+?)`? \|", text, flags=re.M))
+    for f in fields(EditOptions):
+        assert f.name in rows, f"docs/editing.md's option table has no row for {f.name}"
+        assert rows[f.name] == str(f.default), f"{f.name}: docs say {rows[f.name]}, EditOptions says {f.default}"
