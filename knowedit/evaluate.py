@@ -283,6 +283,7 @@ def run_edits(
     requests: Sequence[EditRequest],
     checkpoints: int | Sequence[int] = 10,
     on_edit: Callable[[int, Mapping[str, object]], None] | None = None,
+    batch: int = 1,
 ) -> dict:
     """Apply ``requests`` one after another with ``method``, then score the final model.
 
@@ -296,6 +297,8 @@ def run_edits(
         checkpoints: number of retention points (evenly spaced, plus T) or the
             edit counts themselves.
         on_edit: called after each edit with (t, outcome).
+        batch: apply the requests ``batch`` at a time, each group as one batch
+            edit (the method's ``apply_batch``); retention points fall at group ends.
 
     Returns:
         A JSON-serialisable dict: ``T``, ``reliability``, ``generalization``,
@@ -322,13 +325,19 @@ def run_edits(
     loc_before = locality_answers(scorer, reqs)
     outcomes: list[dict] = []
     curve: list[dict] = []
-    for t, req in enumerate(reqs, 1):
-        out = dict(method.apply(req))
-        outcomes.append(out)
-        if t in points:
+    if batch > 1 and not hasattr(method, "apply_batch"):
+        raise ValueError(f"method {getattr(method, 'name', method)!r} has no batch editing (batch must be 1)")
+    t = 0
+    for s in range(0, T, batch):
+        group = reqs[s : s + batch]
+        outs = [dict(method.apply(group[0]))] if batch == 1 else [dict(o) for o in method.apply_batch(group)]  # type: ignore[attr-defined]
+        for out in outs:
+            t += 1
+            outcomes.append(out)
+            if on_edit is not None:
+                on_edit(t, out)
+        if any(s < p <= t for p in points):
             curve.append({"t": t, "reliability": retention(scorer, reqs, t)})
-        if on_edit is not None:
-            on_edit(t, out)
     scores = {
         "reliability": reliability(scorer, reqs),
         "generalization": generalization(scorer, reqs),
@@ -343,6 +352,8 @@ def run_edits(
         "targets_before": targets_before,
         "success_rate": sum(bool(o.get("success")) for o in outcomes) / T,
         "edit_seconds": _summary([float(o.get("seconds", 0.0)) for o in outcomes]),
+        "batch": batch,
+        "batch_seconds": _summary([float(o["batch_seconds"]) for o in outcomes[::batch] if "batch_seconds" in o]) if batch > 1 else None,
         "warmup_seconds": warmup_seconds,
         "steps": _summary([float(o.get("steps", 0)) for o in outcomes]),
         "slots_touched": _summary([float(o.get("slots_touched", 0)) for o in outcomes]),
@@ -405,6 +416,7 @@ def evaluate(
     checkpoints: int | Sequence[int] = 10,
     device: str = "cpu",
     on_edit: Callable[[int, Mapping[str, object]], None] | None = None,
+    batch: int = 1,
 ) -> dict:
     """Apply the first ``n`` requests sequentially with ``method`` and score the final model.
 
@@ -422,6 +434,7 @@ def evaluate(
         checkpoints: retention-curve points (a count, or the edit counts).
         device: where the model runs.
         on_edit: progress callback, called with (t, outcome) after each edit.
+        batch: edits per batch edit (``sparse`` only; 1: one edit at a time).
 
     Returns:
         :func:`run_edits`' dict plus ``method``, ``settings``, ``model``,
@@ -443,7 +456,7 @@ def evaluate(
     with open_method(method, model_dir, options, device) as m:
         check_requests(reqs, m.codec, m.model.cfg.max_seq_len)
         scorer = ModelScorer(m.model, m.codec, max_new_tokens=answer_budget(reqs, m.codec))
-        result = run_edits(m, scorer, reqs, checkpoints, on_edit)
+        result = run_edits(m, scorer, reqs, checkpoints, on_edit, batch=batch)
         settings = dict(m.settings)
     return {
         "method": method,

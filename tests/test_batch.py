@@ -111,3 +111,14 @@ def test_cli_file_batches(model_dir: Path, runner, tmp_path: Path) -> None:  # n
     again = runner.invoke(app, ["edit", "apply", "-m", str(model_dir), "--file", str(f), "--batch", "2", "--resume", "--json", "--allow-failed"])
     assert again.exit_code == 0 and json.loads(again.output)["skipped"] == 5
     clean_failure(runner.invoke(app, ["edit", "apply", "-m", str(model_dir), "-p", "x", "-t", "y", "--batch", "2"]), "--batch goes with --file")
+
+
+def test_eval_batches(model_dir: Path, runner) -> None:  # noqa: ANN001
+    out = runner.invoke(app, ["eval", "-m", str(model_dir), "-e", str(model_dir / "edits.jsonl"), "--n", "4", "--batch", "2",
+                              "--threads", "1", "--option", "max_steps=300", "--json"])
+    assert out.exit_code == 0, out.output
+    res = json.loads(out.output)
+    assert res["batch"] == 2 and len(res["edits"]) == 4 and res["batch_seconds"]["median"] > 0
+    assert res["reliability"]["prompts"] == 4
+    clean_failure(runner.invoke(app, ["eval", "-m", str(model_dir), "-e", str(model_dir / "edits.jsonl"), "--n", "2",
+                                      "--batch", "2", "--method", "ft"]), "--batch goes with --method sparse")
