@@ -407,13 +407,13 @@ def test_4_ledger_list_and_edit_tables_never_cut_an_id(model_dir: Path, runner: 
 
     reqs = _reqs(model_dir)
     with Editor.open(model_dir) as ed:
-        ids = [ed.apply(_known(r), max_steps=1).id for r in reqs[:2]]
+        ids = [ed.apply(_known(r), max_steps=1, allow_failed=True).id for r in reqs[:2]]  # the ids are what counts here
     old = console.width
     console.width = 70
     try:
         listed = runner.invoke(app, ["ledger", "list", "-m", str(model_dir)])
         applied = runner.invoke(app, ["edit", "apply", "-m", str(model_dir), "-p", reqs[3].prompt, "-t", reqs[3].ground_truth or "",
-                                      "--max-steps", "1"])
+                                      "--max-steps", "1", "--allow-failed"])
     finally:
         console.width = old
     assert listed.exit_code == 0 and applied.exit_code == 0, listed.output + applied.output
