@@ -643,7 +643,9 @@ class Editor:
                     res.guard_flips += int(bad.sum())
                     break
                 guards, rest = guards + rest.take(bad), rest.take(~bad)
-                res = final_layer_rows(self.model, self.codec, examples, ids, guards, opts, n_primary=len(reqs))
+                spent = res.steps
+                res = final_layer_rows(self.model, self.codec, examples, ids, guards, opts, n_primary=len(reqs), init=delta)
+                res.steps += spent  # every round's steps
                 rounds += 1
             n_guard = len(guards)
         elif len(reqs) > 1:

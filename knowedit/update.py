@@ -333,6 +333,7 @@ def final_layer_rows(
     guards: Guards,
     opts: EditOptions,
     n_primary: int = 1,
+    init: torch.Tensor | None = None,
 ) -> UpdateResult:
     """Edit the last block's memory rows ``slots``, keeping every guarded position.
 
@@ -355,6 +356,8 @@ def final_layer_rows(
         guards: positions to keep.
         opts: step budget, learning rate, stopping rule, constraint mode.
         n_primary: requested edits at the head of ``edits`` (a batch edit has several).
+        init: (t, d_v) change of the rows to start from (default none): an edit
+            optimised again with more guards starts where it ended.
 
     Returns:
         The rows; ``success`` when every requested edit passes, ``prob_before``
@@ -371,7 +374,10 @@ def final_layer_rows(
         basis = null_space(guards.weights, opts.null_rtol).to(device=device, dtype=torch.float32)  # (t, f)
     else:
         basis = torch.eye(slots.numel(), device=device)
-    z = torch.zeros(basis.shape[1], values.shape[1], device=device, requires_grad=True)
+    z0 = torch.zeros(basis.shape[1], values.shape[1], device=device)
+    if init is not None:
+        z0 = basis.T @ init.to(device=device, dtype=torch.float32)  # the basis is orthonormal
+    z = z0.requires_grad_(True)
     batch = encode_examples(codec, list(edits), model.cfg.max_seq_len).to(device)
     scored = batch.targets != -100
     owner = torch.nonzero(scored)[:, 0]

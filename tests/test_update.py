@@ -103,3 +103,14 @@ def test_cached_selection_gives_the_same_edit(setup) -> None:
     for pool in a.rows:
         # Selecting in another batch may move the last bits of a float.
         assert torch.allclose(a.rows[pool], b.rows[pool], atol=1e-4, rtol=1e-4)
+
+
+def test_an_edit_started_from_its_own_result_is_done_at_once(setup) -> None:
+    ed, ex, slots, guards = setup
+    opts = EditOptions()
+    a = final_layer_rows(ed.model, ed.codec, [ex], slots, guards, opts)
+    assert a.success and a.steps > 0
+    base = ed.model.final_memory().pool.values.detach()[slots].float()
+    b = final_layer_rows(ed.model, ed.codec, [ex], slots, guards, opts, init=a.rows[next(iter(a.rows))].float() - base)
+    assert b.success and b.steps == 0
+    assert torch.allclose(b.rows[next(iter(b.rows))].float(), a.rows[next(iter(a.rows))].float(), atol=1e-6)
