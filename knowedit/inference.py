@@ -122,7 +122,11 @@ def teacher_forced(model: MemoryLM, codec: TextCodec, examples: Sequence[Example
 
 @torch.no_grad()
 def greedy(model: MemoryLM, codec: TextCodec, prompts: Sequence[str], max_new_tokens: int = 8) -> list[str]:
-    """Greedy completions, batched by prompt length (no padding needed), stopping at eos."""
+    """Greedy completions, batched by prompt length (no padding needed), stopping at eos.
+
+    The prompt runs once; each new token then runs alone against the cached
+    attention keys and values (the memory layers and the rest are position-wise).
+    """
     device = next(model.parameters()).device
     encoded = []
     for p in prompts:
@@ -141,14 +145,16 @@ def greedy(model: MemoryLM, codec: TextCodec, prompts: Sequence[str], max_new_to
         x = torch.tensor([encoded[i] for i in members], device=device)
         done = torch.zeros(len(members), dtype=torch.bool, device=device)
         new: list[torch.Tensor] = []
+        cache: list[dict[str, torch.Tensor]] = []  # attention keys/values: each step runs one token
+        length = x.shape[1]
         for _ in range(max_new_tokens):
-            if x.shape[1] >= model.cfg.max_seq_len:
+            if length >= model.cfg.max_seq_len:
                 break
-            nxt = model(x)[:, -1].argmax(-1)
+            nxt = model(x, cache=cache)[:, -1].argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, codec.eos_id), nxt)
             new.append(nxt)
             done |= nxt == codec.eos_id
-            x = torch.cat([x, nxt[:, None]], dim=1)
+            x, length = nxt[:, None], length + 1
             if bool(done.all()):
                 break
         gen = torch.stack(new, 1).tolist() if new else [[] for _ in members]

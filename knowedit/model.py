@@ -22,12 +22,23 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C). With ``cache`` (a dict, empty at first) the keys
+        and values of earlier calls are attended to and this call's are added:
+        a whole prompt first, then one token at a time (greedy decoding)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=-1)
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+        causal = True
+        if cache is not None:
+            if "k" in cache:
+                if T != 1:
+                    raise ValueError("after the prompt, a cached forward takes one token at a time")
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+                causal = False  # one new query sees every cached position
+            cache["k"], cache["v"] = k, v
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
         )
         return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
@@ -58,8 +69,9 @@ class Block(nn.Module):
         x: torch.Tensor,
         trace: list[MemoryTrace] | None,
         patches: dict[str, RowPatch] | None,
+        cache: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+        x = x + self.attn(self.norm1(x), cache)
         h = self.norm2(x)
         if isinstance(self.ffn, ProductKeyMemory):
             patch = patches.get(self.ffn.pool.name) if patches else None
@@ -128,6 +140,7 @@ class MemoryLM(nn.Module):
         idx: torch.Tensor,
         trace: list[MemoryTrace] | None = None,
         patches: dict[str, RowPatch] | None = None,
+        cache: list[dict[str, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab).
 
@@ -135,14 +148,22 @@ class MemoryLM(nn.Module):
             idx: (B, T) token ids, T <= max_seq_len.
             trace: if a list, each memory layer appends what it read.
             patches: per pool name, rows that replace the stored ones (editing).
+            cache: attention keys and values kept between calls (greedy decoding):
+                ``[]`` before the prompt's call, then pass it with each next token;
+                ``idx`` then continues the cached positions.
         """
         B, T = idx.shape
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens exceeds the context of {self.cfg.max_seq_len}")
-        pos = torch.arange(T, device=idx.device)
+        start = 0
+        if cache is not None:
+            if not cache:
+                cache.extend({} for _ in self.blocks)
+            start = cache[0]["k"].shape[2] if "k" in cache[0] else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.cfg.max_seq_len}")
+        pos = torch.arange(start, start + T, device=idx.device)
         x = self.tok_emb(idx) + self.pos_emb(pos)  # (B, T, C)
-        for block in self.blocks:
-            x = block(x, trace, patches)
+        for i, block in enumerate(self.blocks):
+            x = block(x, trace, patches, None if cache is None else cache[i])
         return self.head(self.norm(x))  # (B, T, V)
 
     def final_memory(self) -> ProductKeyMemory | None:
