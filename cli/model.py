@@ -88,7 +88,7 @@ def ask(
 
         open_existing_ledger(model, ledger).close()  # a mistyped --ledger is an error, not the base model
 
-        with Editor.open(model, ledger=ledger) as ed:
+        with Editor.open(model, ledger=ledger, read_only=True) as ed:
             answer, live = ed.ask(prompt, max_new_tokens), len(ed.live_edits())
     else:
         ck = load_checkpoint(model)
@@ -104,6 +104,7 @@ def stats(
     corpus: Annotated[
         Path | None, typer.Option(help="JSONL of {prompt, answer} or EasyEdit records.", show_default="MODEL/corpus.jsonl")
     ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Compute and show the usage, store nothing.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Compute background slot usage over the training corpus (or another) and store it in MODEL."""
@@ -119,8 +120,8 @@ def stats(
         raise fail(f"{src} holds no documents")
     with Progress(console=console, disable=json_out, transient=True) as bar:
         task = bar.add_task("scanning corpus", total=len(docs))
-        st = build_stats(ck, docs, on_batch=lambda n: bar.update(task, completed=n))
-    out = {"documents": st.n_docs, "pools": {p: st.usage(p) for p in st.df}}
+        st = build_stats(ck, docs, on_batch=lambda n: bar.update(task, completed=n), persist=not dry_run)
+    out = {"documents": st.n_docs, "pools": {p: st.usage(p) for p in st.df}, "stored": not dry_run}
     if json_out:
         emit_json(out)
         return
@@ -168,7 +169,7 @@ def locate(
         from knowedit.cli.ledger import open_existing_ledger
 
         open_existing_ledger(model, ledger).close()
-    with Editor.open(model, ledger=ledger) as ed:
+    with Editor.open(model, ledger=ledger, read_only=True) as ed:
         loc = ed.locate(prompt, target, subject, widen=widen)
     rows = [vars(s) for s in loc.top(top)]
     if json_out:
@@ -202,7 +203,7 @@ def export(
         from knowedit.cli.ledger import open_existing_ledger
 
         open_existing_ledger(model, ledger).close()  # a mistyped --ledger is an error, not the base model
-    with Editor.open(model, ledger=ledger) as ed:
+    with Editor.open(model, ledger=ledger, read_only=True) as ed:
         path = ed.save(out)
     provenance = json.loads((path / PROVENANCE_FILE).read_text(encoding="utf-8"))
     if json_out:

@@ -39,3 +39,23 @@ def test_the_docs_option_table_lists_every_option_with_its_default() -> None:
     for f in fields(EditOptions):
         assert f.name in rows, f"docs/editing.md's option table has no row for {f.name}"
         assert rows[f.name] == str(f.default), f"{f.name}: docs say {rows[f.name]}, EditOptions says {f.default}"
+
+
+def test_read_only_commands_leave_the_directory_byte_identical(model_dir: Path, runner) -> None:  # noqa: ANN001
+    """locate builds missing slot statistics in memory only; ask, ledger list and
+    stats --dry-run write nothing either."""
+    from cli_helpers import tree
+
+    from knowedit.data import load_records
+    from knowedit.side_files import STATS_DOCS_FILE, STATS_FILE
+
+    for name in (STATS_FILE, STATS_DOCS_FILE):  # missing: locate needs them, and must not store them
+        (model_dir / name).unlink()
+    req = load_records(model_dir / "edits.jsonl")[0]
+    before = tree(model_dir)
+    m = str(model_dir)
+    assert runner.invoke(app, ["locate", "-m", m, "-p", req.prompt, "-t", req.target_new, "-s", req.subject]).exit_code == 0
+    assert runner.invoke(app, ["ask", "-m", m, req.prompt]).exit_code == 0
+    assert runner.invoke(app, ["ledger", "list", "-m", m]).exit_code != 0  # no ledger yet: said, not created
+    assert runner.invoke(app, ["stats", "-m", m, "--dry-run"]).exit_code == 0
+    assert tree(model_dir) == before
