@@ -10,15 +10,18 @@ Four entry points share one contract (forward values and sparse value gradient):
   :func:`memory_lookup_bag` where it applies (fp32/fp64, one dtype, contiguous table) and
   :func:`memory_lookup_ref` otherwise.
 
-How :func:`memory_lookup_bag` stays near the memory-traffic floor (M tokens, K reads each,
-D wide rows): the forward is ``F.embedding_bag`` with ``per_sample_weights`` (one pass over
+How :func:`memory_lookup_bag` keeps memory traffic down (M tokens, K reads each, D wide
+rows): the forward is ``F.embedding_bag`` with ``per_sample_weights`` (one pass over
 the M*K rows, no (M, K, D) gather). The weight gradient ``<grad_out[m], values[idx[m, k]]>``
 is ATen's fused per-sample-weights backward of ``embedding_bag`` (one more pass over the
-rows, again nothing materialised). The value gradient is the same gather-sum transposed:
+rows, in ascending slot order, again nothing materialised). The value gradient is the same gather-sum transposed:
 sort the M*K ids once, and ``embedding_bag`` over the (M, D) ``grad_out`` -- small, cache
-resident -- with one bag per distinct slot writes the U coalesced rows directly.
+resident -- with one bag per distinct slot writes the U coalesced rows directly, into a
+reused buffer once they reach 32 MiB (:class:`_RowBuffers`). On one CPU core this is still
+3-4x the bytes-only floor at 1M slots (random 2 KB rows are latency-bound); see the
+"Memory layer scaling (CPU)" section of docs/benchmarks.md.
 
-Gradient contract (both implementations): the gradient with respect to ``values`` is a
+Gradient contract (every implementation): the gradient with respect to ``values`` is a
 *coalesced* ``torch.sparse_coo_tensor`` of shape (N, D) with ``sparse_dim == 1`` whose
 indices are exactly the distinct slot ids of the batch (ascending) and whose rows hold the
 summed contributions, in ``values.dtype``; no (N, D) buffer is ever allocated. This is the
