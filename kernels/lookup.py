@@ -17,9 +17,10 @@ is ATen's fused per-sample-weights backward of ``embedding_bag`` (one more pass 
 rows, in ascending slot order, again nothing materialised). The value gradient is the same gather-sum transposed:
 sort the M*K ids once, and ``embedding_bag`` over the (M, D) ``grad_out`` -- small, cache
 resident -- with one bag per distinct slot writes the U coalesced rows directly, into a
-reused buffer once they reach 32 MiB (:class:`_RowBuffers`). On one CPU core this is still
-3-4x the bytes-only floor at 1M slots (random 2 KB rows are latency-bound); see the
-"Memory layer scaling (CPU)" section of docs/benchmarks.md.
+reused buffer once they reach 32 MiB (:class:`_RowBuffers`). On one loaded CPU core at 1M
+slots the forward still takes 2-3x and the weight-gradient pass 4-7x the time of moving
+their bytes at copy bandwidth (random 2 KB rows are latency-bound); see the "Memory layer
+scaling (CPU)" section of docs/benchmarks.md.
 
 Gradient contract (every implementation): the gradient with respect to ``values`` is a
 *coalesced* ``torch.sparse_coo_tensor`` of shape (N, D) with ``sparse_dim == 1`` whose
