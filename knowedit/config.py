@@ -201,6 +201,12 @@ class LearnConfig:
     positions whose next token is scored (where a fact is recalled), or ``all`` its
     tokens (Lin et al. 2025). On the demo world ``answer`` learnt 97% of 36 new
     sentences where ``all`` learnt 42%, with the same forgetting."""
+    guard_docs: int = 0
+    """sparse: per step, also train on up to this many background documents (the
+    training corpus) that read the step's chosen rows most, on their own answers,
+    so the rows keep what those documents recall (0: off, Lin et al.'s method)."""
+    guard_weight: float = 1.0
+    """sparse: weight of the guard documents' loss."""
     commit_every: int = 0
     """sparse: steps between ledger commits, each a ``learn`` event (0: one at the end)."""
     rank: int = 8
@@ -281,6 +287,8 @@ def load_learn_config(path: str | Path | None = None, overrides: list[str] | Non
         (cfg.background in ("stats", "answer", "none"), f"background must be stats, answer or none, not {cfg.background!r}"),
         (cfg.positions in ("all", "answer"), f"positions must be all or answer, not {cfg.positions!r}"),
         (cfg.top_t >= 1, f"top_t must be >= 1, got {cfg.top_t}"),
+        (cfg.guard_docs >= 0, f"guard_docs must be >= 0, got {cfg.guard_docs}"),
+        (cfg.guard_weight >= 0, f"guard_weight must be >= 0, got {cfg.guard_weight}"),
         (cfg.lr >= 0, f"lr must be >= 0 (0: the method's default), got {cfg.lr}"),
         (cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}"),
         (cfg.max_steps == -1 or cfg.max_steps >= 1, f"max_steps must be -1 or >= 1, got {cfg.max_steps}"),

@@ -40,7 +40,7 @@ from knowedit.config import LearnConfig, learn_lr
 from knowedit.data.documents import load_learning_data
 from knowedit.data.records import Example
 from knowedit.editor import Editor, LearningSession
-from knowedit.inference import PromptError, encode_examples, encode_pair, greedy_exact
+from knowedit.inference import Batch, PromptError, encode_examples, encode_pair, greedy_exact
 from knowedit.memory import MemoryTrace
 from knowedit.model import MemoryLM
 from knowedit.side_files import CORPUS_FILE
@@ -143,11 +143,16 @@ class LearnModule(L.LightningModule):
         idf: sparse only: pool -> (N,) background IDF, or None (tf alone).
     """
 
-    def __init__(self, cfg: LearnConfig, model: MemoryLM, idf: dict[str, torch.Tensor] | None = None) -> None:
+    def __init__(
+        self, cfg: LearnConfig, model: MemoryLM, idf: dict[str, torch.Tensor] | None = None,
+        guard_batch: Callable[[dict[str, torch.Tensor]], Batch | None] | None = None,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.model = model
         self.idf = idf
+        self.guard_batch = guard_batch
+        """sparse with ``guard_docs``: the background documents to keep, given the step's rows."""
         self.lr = learn_lr(cfg)
         self._keep: dict[str, torch.Tensor] = {}
         self.adapters: list[LoRA] = []
@@ -190,6 +195,13 @@ class LearnModule(L.LightningModule):
             self._keep = tfidf_rows(trace, counted.cpu(), self.cfg.top_t, self.idf, self.n_slots)
         self.losses.append(float(loss.detach()))
         self.log("loss", loss, prog_bar=True, on_step=True)
+        guards = self.guard_batch(self._keep) if trace is not None and self.guard_batch is not None else None
+        if guards is not None:  # the background documents that read these rows keep their answers
+            guards = guards.to(batch.ids.device)
+            g_logits = self.model(guards.ids)
+            g_loss = F.cross_entropy(g_logits.flatten(0, 1), guards.targets.flatten(), ignore_index=-100)
+            self.log("guard_loss", g_loss, on_step=True)
+            return loss + self.cfg.guard_weight * g_loss
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -345,6 +357,41 @@ def _idf(ed: Editor, cfg: LearnConfig, model_dir: Path) -> dict[str, torch.Tenso
     return {pool: stats.idf(pool, "any" if cfg.background == "stats" else "answer") for pool in stats.df}
 
 
+def _guard_source(
+    ed: Editor, examples: list[Example], cfg: LearnConfig
+) -> Callable[[dict[str, torch.Tensor]], Batch | None] | None:
+    """``guard_docs``: per step, the background documents that read the step's
+    chosen rows at their answer positions with the most weight (documents with
+    a prompt of the new data are left out: those are meant to change)."""
+    if cfg.guard_docs <= 0:
+        return None
+    stats, docs = ed.stats, ed.docs
+    if stats is None or not docs:
+        raise ValueError(
+            f"guard_docs needs the model's background documents: {ed.ck.path} has no {CORPUS_FILE} "
+            "and no slot statistics (run `knowedit stats`), or learn with guard_docs=0"
+        )
+    new = {e.prompt.strip() for e in examples}
+    max_len = ed.model.cfg.max_seq_len
+
+    def guard_batch(keep: dict[str, torch.Tensor]) -> Batch | None:
+        weight = torch.zeros(len(docs))
+        for pool, rows in keep.items():
+            if pool in stats.inv_ptr and rows.numel():
+                _, doc, _, w = stats.reads(pool, rows.cpu())
+                weight.index_add_(0, doc, w.float())
+        order = torch.argsort(weight, descending=True, stable=True)
+        chosen = []
+        for d in order[: 4 * cfg.guard_docs].tolist():
+            if weight[d] <= 0 or len(chosen) == cfg.guard_docs:
+                break
+            if docs[d].prompt.strip() not in new:
+                chosen.append(docs[d])
+        return encode_examples(ed.codec, chosen, max_len, cfg.answer_only_loss) if chosen else None
+
+    return guard_batch
+
+
 def _acquisition(model: MemoryLM, codec: TextCodec, examples: list[Example]) -> float:
     model.eval()
     hits = greedy_exact(model, codec, examples)
@@ -373,7 +420,7 @@ def _learn_sparse(
         return report
     settings = asdict(cfg)
     settings["lr"] = learn_lr(cfg)
-    module = LearnModule(cfg, ed.model, idf)
+    module = LearnModule(cfg, ed.model, idf, _guard_source(ed, examples, cfg))
     last = {"step": done, "loss_at": 0, "t": time.monotonic()}
 
     def event(step: int) -> tuple[dict, dict, dict]:

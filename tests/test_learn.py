@@ -267,3 +267,47 @@ def test_sigkill_during_learning_leaves_the_pre_run_or_a_committed_state(model_d
             assert all(prev[1] == nxt[0] for prev, nxt in zip(ranges, ranges[1:])), ranges
     assert kills == 10
     assert len(ranges) >= 8, "commits must have landed between the kills"
+
+
+def test_guard_docs_are_the_background_readers_of_the_rows(model_dir: Path, facts: Path) -> None:
+    from knowedit.recipes.learn import _guard_source
+
+    examples, _ = load_learning_data(facts)
+    cfg = load_learn_config(None, ["guard_docs=5"])
+    with Editor.open(model_dir) as ed:
+        assert _guard_source(ed, examples, load_learn_config(None, [])) is None  # off by default
+        source = _guard_source(ed, examples, cfg)
+        assert source is not None and ed.stats is not None
+        pool = next(iter(ed.stats.inv_ptr))
+        rows = torch.argsort(ed.stats.inv_ptr[pool][1:] - ed.stats.inv_ptr[pool][:-1], descending=True)[:8].sort().values
+        batch = source({pool: rows})
+        assert batch is not None and batch.ids.shape[0] == 5
+        _, doc, _, _ = ed.stats.reads(pool, rows)
+        readers = {ed.docs[d].prompt for d in doc.tolist()}
+        texts = [ed.codec.decode(batch.ids[i].tolist()) for i in range(5)]
+        assert all(any(p in t for p in readers) for t in texts)
+        new = {e.prompt.strip() for e in examples}
+        assert not any(p in t for t in texts for p in new)
+
+
+def test_learning_with_guard_docs_commits_and_keeps_more_of_the_background(model_dir: Path, facts: Path, tmp_path: Path) -> None:
+    from knowedit.inference import greedy_exact
+
+    with Editor.open(model_dir) as ed:
+        examples, _ = load_learning_data(facts)
+        subjects = {r.subject for r in load_records(facts) if r.subject}
+        keep = [d for d in ed.docs if not any(s in d.prompt for s in subjects)]
+        base_acc = sum(greedy_exact(ed.model, ed.codec, keep)) / len(keep)
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    args = ["epochs=15", "batch_size=4", "lr=20", "top_t=64", "threads=1"]
+    plain = learn(model_dir, facts, load_learn_config(None, args), progress=False)
+    guarded = learn(other, facts, load_learn_config(None, [*args, "guard_docs=16"]), progress=False)
+    kept = {}
+    for name, d in (("plain", model_dir), ("guarded", other)):
+        with Editor.open(d) as ed:
+            kept[name] = sum(greedy_exact(ed.model, ed.codec, keep)) / len(keep)
+            assert ed.verify() == []
+    assert guarded["events"] and guarded["acquisition"] > 0.5
+    # forgetting of the background at least halves (here 19% -> 7%)
+    assert base_acc - kept["guarded"] <= 0.5 * (base_acc - kept["plain"]), (base_acc, kept, plain["acquisition"])
