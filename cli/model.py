@@ -48,7 +48,7 @@ def train(
 ) -> None:
     """Train a memory LM from a recipe and write a checkpoint directory.
 
-    ``trainer.KEY=VALUE`` passes an argument to ``lightning.Trainer``.
+    A trainer.KEY=VALUE override passes an argument to lightning.Trainer.
     """
     from knowedit.config import load_train_config
     from knowedit.recipes.train import train as run_train
