@@ -25,10 +25,14 @@ LedgerOpt = Annotated[
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that are the user's input, shown as one message and exit 1."""
-    from knowedit.ledger import LedgerError
+    """Exceptions that are the user's input, shown as one message and exit 1.
 
-    return (ValueError, LedgerError, OSError, KeyError)
+    :class:`~knowedit.errors.KnoweditError` is knowedit's own; ``ValueError``,
+    ``OSError`` and ``KeyError`` still count while every raise site is moved to it.
+    """
+    from knowedit.errors import KnoweditError
+
+    return (KnoweditError, ValueError, OSError, KeyError)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

@@ -35,6 +35,7 @@ _LAZY = {
     "Editor": "knowedit.editor",
     "EditOptions": "knowedit.edit_options",
     "EditRequest": "knowedit.data.records",
+    "KnoweditError": "knowedit.errors",
     "MemoryConfig": "knowedit.config",
     "ModelConfig": "knowedit.config",
     "TrainConfig": "knowedit.config",

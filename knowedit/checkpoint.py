@@ -18,6 +18,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from knowedit.config import ModelConfig, model_config_from_yaml, to_yaml
+from knowedit.errors import KnoweditError
 from knowedit.model import MemoryLM
 from knowedit.tokenizer import TextCodec
 
@@ -29,7 +30,7 @@ LEDGER_FILE = "ledger.db"
 """The default ledger of a checkpoint directory (created by its first edit)."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(KnoweditError, ValueError):
     """A directory that is not a (readable) knowedit checkpoint."""
 
 

@@ -23,6 +23,7 @@ import torch
 
 from knowedit.checkpoint import LEDGER_FILE, Checkpoint, load_checkpoint, save_checkpoint
 from knowedit.data.records import EditRequest, Example, requests_from
+from knowedit.errors import KnoweditError
 from knowedit.events import event_requests
 from knowedit.guards import GuardBuilder
 from knowedit.inference import PromptError, encode_pair, greedy, teacher_forced
@@ -58,7 +59,7 @@ WAIT_ENV = "KNOWEDIT_LEDGER_WAIT_S"
 """Seconds a writer waits for its turn at the ledger (default 60)."""
 
 
-class EditError(ValueError):
+class EditError(KnoweditError, ValueError):
     """An edit or revert that cannot be done; nothing was changed."""
 
 

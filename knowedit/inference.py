@@ -9,11 +9,12 @@ from dataclasses import dataclass
 import torch
 
 from knowedit.data.records import Example
+from knowedit.errors import KnoweditError
 from knowedit.model import MemoryLM
 from knowedit.tokenizer import TextCodec, text_problem
 
 
-class PromptError(ValueError):
+class PromptError(KnoweditError, ValueError):
     """A prompt or answer the model cannot take (empty, not valid text, too long, no tokens)."""
 
 

@@ -54,6 +54,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
+from knowedit.errors import KnoweditError
+
 GENESIS_HASH = "0" * 64
 """``prev_hash`` of the first event."""
 
@@ -66,7 +68,7 @@ for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnu
         _FLOAT_DTYPES[_name] = getattr(torch, _name)
 
 
-class LedgerError(Exception):
+class LedgerError(KnoweditError):
     """Any user-facing ledger failure; the message names the problem."""
 
 

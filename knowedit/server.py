@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from knowedit.errors import KnoweditError
 from knowedit.events import event_detail, event_summary
 
 log = logging.getLogger("uvicorn.error.knowedit")
@@ -62,7 +63,7 @@ MAX_PROMPTS = 64
 MAX_NEW_TOKENS = 64
 
 
-class ServeError(ValueError):
+class ServeError(KnoweditError, ValueError):
     """A server setting that cannot be used (token file, host); the server does not start."""
 
 

@@ -21,13 +21,14 @@ from pathlib import Path
 
 from knowedit.checkpoint import STATS_FILE, Checkpoint, plain_file_mode
 from knowedit.data.records import Example
+from knowedit.errors import KnoweditError
 from knowedit.stats import SlotStats, compute_slot_stats
 
 CORPUS_FILE = "corpus.jsonl"
 STATS_DOCS_FILE = "slot_stats_docs.jsonl"
 
 
-class SideFileError(ValueError):
+class SideFileError(KnoweditError, ValueError):
     """A side file that is damaged and cannot be rebuilt; the message names it."""
 
 

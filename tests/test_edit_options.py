@@ -59,3 +59,19 @@ def test_read_only_commands_leave_the_directory_byte_identical(model_dir: Path, 
     assert runner.invoke(app, ["ledger", "list", "-m", m]).exit_code != 0  # no ledger yet: said, not created
     assert runner.invoke(app, ["stats", "-m", m, "--dry-run"]).exit_code == 0
     assert tree(model_dir) == before
+
+
+def test_knowedit_errors_share_one_base() -> None:
+    import knowedit
+    from knowedit.checkpoint import CheckpointError
+    from knowedit.data.documents import DataError
+    from knowedit.data.records import RecordError
+    from knowedit.editor import EditError, EditFailed
+    from knowedit.inference import PromptError
+    from knowedit.ledger import LedgerBusy, LedgerDamaged, LedgerError, LedgerMissing
+    from knowedit.side_files import SideFileError
+
+    for cls in (CheckpointError, DataError, RecordError, EditError, EditFailed, PromptError, SideFileError,
+                LedgerError, LedgerBusy, LedgerDamaged, LedgerMissing):
+        assert issubclass(cls, knowedit.KnoweditError), cls
+    assert issubclass(EditError, ValueError)  # still caught where ValueError was

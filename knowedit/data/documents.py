@@ -21,12 +21,13 @@ import json
 from pathlib import Path
 
 from knowedit.data.records import Example, RecordError, load_records
+from knowedit.errors import KnoweditError
 from knowedit.tokenizer import text_problem
 
 FORMATS = ("text", "documents", "facts", "easyedit")
 
 
-class DataError(ValueError):
+class DataError(KnoweditError, ValueError):
     """A learning data file that cannot be read; the message names the file and line."""
 
 

@@ -26,10 +26,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from knowedit.errors import KnoweditError
 from knowedit.tokenizer import text_problem
 
 
-class RecordError(ValueError):
+class RecordError(KnoweditError, ValueError):
     """A malformed edit request or records file."""
 
 
