@@ -483,7 +483,7 @@ def test_7_json_outputs_match_docs_json_md(model_dir: Path, runner: CliRunner, t
         "ledger show": (run("ledger", "show", rec["id"], "-m", m), {"id", "seq", "created_at", "author", "note", "live", "method", "request", "settings", "metrics", "hash", "rows"}),
         "ledger verify": (run("ledger", "verify", "-m", m), {"ok", "events", "problems"}),
         "locate": (run("locate", "-m", m, "-p", r.prompt, "-t", r.target_new, "--top", "2"), {"positions", "candidates", "slots"}),
-        "stats": (run("stats", "-m", m), {"documents", "pools"}),
+        "stats": (run("stats", "-m", m), {"documents", "pools", "stored"}),
         "export": (run("export", "-m", m, "--out", str(tmp_path / "x")), {"out", "format", "fingerprint", "created_at", "source", "source_fingerprint", "source_ledger", "source_ledger_seq", "source_ledger_head_hash", "live_edits", "live_kinds", "corpus"}),
         "edit revert": (run("edit", "revert", "-m", m, rec["id"]), {"reverted", "live_edits"}),
     }

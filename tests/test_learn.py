@@ -171,7 +171,10 @@ def test_a_model_without_statistics_or_corpus_is_refused(model_dir: Path, facts:
     before = tree(model_dir)
     clean_failure(_learn_cli(runner, model_dir, facts), "no slot statistics", "knowedit stats")
     assert tree(model_dir) == before
-    res = _learn_cli(runner, model_dir, facts, "background=none")  # tf alone needs no statistics
+    # guard documents are background documents: without any, say how to go on
+    clean_failure(_learn_cli(runner, model_dir, facts, "background=none"), "guard_docs=0")
+    assert tree(model_dir) == before
+    res = _learn_cli(runner, model_dir, facts, "background=none", "guard_docs=0")  # tf alone needs no statistics
     assert res.exit_code == 0, res.output
 
 
