@@ -39,10 +39,10 @@ class EditOptions:
     guard_facts: int = 256
     """At most this many background facts are guarded (``layers=all``)."""
     guard_reads: int = 64
-    """Final-layer edits guard, per chosen slot, its this-many strongest background
-    readers (0: every reader). Bounds an edit's cost by ``top_t x guard_reads``
-    positions whatever the corpus size; a reader with less weight on the slot
-    moves less when its row changes."""
+    """Final-layer edits: the optimisation guards at most ``top_t x guard_reads``
+    background positions. Within that budget every reader of the chosen slots is
+    guarded; beyond it, each slot's ``guard_reads`` strongest readers, and the
+    others are checked once the rows are found (0: every reader, always)."""
     conflict: str = "joint"
     """Slots of live edits: ``joint`` (share them; the earlier edits' reads are kept
     exactly, or guarded with ``layers=all``) or ``avoid`` (choose other slots)."""

@@ -253,8 +253,10 @@ class GuardBuilder:
         self, pool: str, slots: torch.Tensor, editing: set[str], per_slot: int
     ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """Background reads of ``slots`` (column, doc, position, weight), split into the
-        positions guarded during the optimisation (each slot's ``per_slot``
-        strongest readers, with every read they make of ``slots``) and the rest."""
+        positions guarded during the optimisation and the rest. When the readers
+        number at most ``per_slot x len(slots)`` (the budget), all are guarded;
+        beyond it, each slot's ``per_slot`` strongest readers (with every read
+        they make of ``slots``)."""
         e = torch.zeros(0, dtype=torch.long)
         empty = (e, e, e, torch.zeros(0))
         if self.stats is None or pool not in self.stats.inv_ptr or not self.docs:
@@ -265,6 +267,9 @@ class GuardBuilder:
             keep = ~torch.isin(doc, mine)
             col, doc, pos, w = col[keep], doc[keep], pos[keep], w[keep]
         key = doc * (self.model.cfg.max_seq_len + 1) + pos
+        if per_slot <= 0 or torch.unique(key).numel() <= per_slot * slots.numel():
+            # Within the budget: guard every reader in the optimisation, nothing to check after.
+            return (col, doc, pos, w), empty
         strong = torch.isin(key, key[strongest_mask(col, w, per_slot)])
         return (col[strong], doc[strong], pos[strong], w[strong]), (col[~strong], doc[~strong], pos[~strong], w[~strong])
 
