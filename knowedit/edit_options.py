@@ -38,11 +38,11 @@ class EditOptions:
     """Weight of the KL guard on unrelated facts that read the chosen slots."""
     guard_facts: int = 256
     """At most this many background facts are guarded (``layers=all``)."""
-    guard_reads: int = 64
-    """Final-layer edits: the optimisation guards at most ``top_t x guard_reads``
-    background positions. Within that budget every reader of the chosen slots is
-    guarded; beyond it, each slot's ``guard_reads`` strongest readers, and the
-    others are checked once the rows are found (0: every reader, always)."""
+    guard_reads: int = 0
+    """Final-layer edits: 0 guards every background reader of the chosen slots (exact
+    locality on the background; cost grows with it). N > 0 (experimental) guards at
+    most ``top_t x N`` positions: beyond that budget each slot's N strongest readers,
+    its next 4N are checked once the rows are found, weaker ones are not kept."""
     conflict: str = "joint"
     """Slots of live edits: ``joint`` (share them; the earlier edits' reads are kept
     exactly, or guarded with ``layers=all``) or ``avoid`` (choose other slots)."""
