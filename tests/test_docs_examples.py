@@ -114,6 +114,7 @@ SUBSTITUTIONS: list[tuple[str, str, str]] = [
     # Benchmarks: the same scripts and options, at the smallest sizes.
     (r"--ts [0-9,]+", "--ts 1", "T (bench/editing.py) or top_t (bench/continual.py): one value"),
     (r"--n \d+", "--n 1", "edits: one"),
+    (r"--background-extra \d+", "--background-extra 24", "bench/edit_scale.py: a few unseen sentences, not 30,000"),
     (r"--option layers=all", "--option layers=all --option max_steps=5",
      "a layers=all edit takes ~20 s on CPU at the default 100 steps: 5 run the same code"),
     (r"--limit \d+", "--limit 8", "CounterFact records: the hand-made file has 8"),
