@@ -353,7 +353,7 @@ def run_edits(
         "success_rate": sum(bool(o.get("success")) for o in outcomes) / T,
         "edit_seconds": _summary([float(o.get("seconds", 0.0)) for o in outcomes]),
         "batch": batch,
-        "batch_seconds": _summary([float(o["batch_seconds"]) for o in outcomes[::batch] if "batch_seconds" in o]) if batch > 1 else None,
+        "batch_seconds": _summary(per_batch) if (per_batch := [float(o["batch_seconds"]) for o in outcomes[::batch] if "batch_seconds" in o]) and batch > 1 else None,
         "warmup_seconds": warmup_seconds,
         "steps": _summary([float(o.get("steps", 0)) for o in outcomes]),
         "slots_touched": _summary([float(o.get("slots_touched", 0)) for o in outcomes]),
