@@ -61,7 +61,7 @@ def results_tables(res: dict) -> tuple[Table, Table]:
     cost.add_row("Success at apply time", f"{res['success_rate']:.3f}")
     cost.add_row("Edit time, s: median / p95 / total", f"{t['median']:.3f} / {t['p95']:.3f} / {t['total']:.1f}")
     b = res.get("batch_seconds")
-    if b and b.get("median") is not None:
+    if b:
         cost.add_row(f"Batch of {res['batch']} time, s: median / p95", f"{b['median']:.3f} / {b['p95']:.3f}")
     cost.add_row("Slots touched (median)", f"{res['slots_touched']['median']:.0f}")
     cost.add_row("Parameters touched (median)", f"{res['params_touched']['median']:.0f}")

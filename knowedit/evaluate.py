@@ -338,6 +338,7 @@ def run_edits(
                 on_edit(t, out)
         if any(s < p <= t for p in points):
             curve.append({"t": t, "reliability": retention(scorer, reqs, t)})
+    per_batch = [float(o["batch_seconds"]) for o in outcomes[::batch] if "batch_seconds" in o]  # each group's first
     scores = {
         "reliability": reliability(scorer, reqs),
         "generalization": generalization(scorer, reqs),
@@ -353,7 +354,7 @@ def run_edits(
         "success_rate": sum(bool(o.get("success")) for o in outcomes) / T,
         "edit_seconds": _summary([float(o.get("seconds", 0.0)) for o in outcomes]),
         "batch": batch,
-        "batch_seconds": _summary(per_batch) if (per_batch := [float(o["batch_seconds"]) for o in outcomes[::batch] if "batch_seconds" in o]) and batch > 1 else None,
+        "batch_seconds": _summary(per_batch) if batch > 1 and per_batch else None,
         "warmup_seconds": warmup_seconds,
         "steps": _summary([float(o.get("steps", 0)) for o in outcomes]),
         "slots_touched": _summary([float(o.get("slots_touched", 0)) for o in outcomes]),
