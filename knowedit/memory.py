@@ -57,14 +57,27 @@ class RowPatch:
 
 
 class ValuePool(nn.Module):
-    """The value table ``V`` (N x d_v); pass one instance to several layers to share it."""
+    """The value table ``V`` (N x d_v); pass one instance to several layers to share it.
+
+    Built inside :func:`knowedit.distributed.sharded_values`, the pool holds only this
+    rank's columns of ``V`` (``shard``), drawn as the whole table's would be; lookups are
+    then collectives over the shard's process group. Otherwise ``shard`` is None.
+    """
 
     def __init__(self, n_slots: int, value_dim: int, name: str = "pool") -> None:
         super().__init__()
+        from knowedit.distributed import current_shard
+
         self.name = name
-        self.values = nn.Parameter(torch.empty(n_slots, value_dim))
+        self.value_dim = value_dim
+        """Width of a whole value row (the table's width unless sharded)."""
+        self.shard = current_shard()
         # Small init: the memory output starts near zero, as an FFN's would.
-        nn.init.normal_(self.values, std=value_dim**-0.5)
+        if self.shard is None:
+            self.values = nn.Parameter(torch.empty(n_slots, value_dim))
+            nn.init.normal_(self.values, std=value_dim**-0.5)
+        else:
+            self.values = nn.Parameter(self.shard.init_values(n_slots, value_dim, std=value_dim**-0.5))
 
     @property
     def n_slots(self) -> int:
@@ -267,7 +280,7 @@ class ProductKeyMemory(nn.Module):
         self.layer = layer
         self.pool = pool
         self.n_keys = cfg.n_keys
-        value_dim = pool.values.shape[1]
+        value_dim = pool.value_dim
         self.query = nn.Linear(d_model, cfg.heads * cfg.key_dim, bias=False)
         self.keys = nn.Parameter(torch.randn(cfg.heads, 2, cfg.n_keys, cfg.key_dim // 2))
         if cfg.swilu:
@@ -311,7 +324,12 @@ class ProductKeyMemory(nn.Module):
             trace.append(MemoryTrace(self.layer, self.pool.name, q.detach(), ids, w.detach()))
         flat_ids = ids.flatten(-2)  # (B, T, H*k)
         flat_w = w.flatten(-2).to(self.pool.values.dtype)
-        mem = lookup(self.pool.values, flat_ids, flat_w, self.cfg.backend)  # (B, T, d_v)
+        if self.pool.shard is not None:  # memory-parallel: a collective over the pool's ranks
+            if patch is not None:
+                raise ValueError("row patches (editing) need a whole value table; consolidate the shards first")
+            mem = self.pool.shard.lookup(self.pool.values, flat_ids, flat_w, self.cfg.backend)
+        else:
+            mem = lookup(self.pool.values, flat_ids, flat_w, self.cfg.backend)  # (B, T, d_v)
         if patch is not None:
             mem = mem + patch_correction(self.pool.values, flat_ids, flat_w, patch)
         if self.gate is not None:
