@@ -149,7 +149,7 @@ def _learn_step(out: Path, world_cfg: object, held: list, say: object, json_out:
     with Editor.open(out) as ed:
         held_before = sum(greedy_exact(ed.model, ed.codec, held)) / len(held)
         asked_before = [ed.ask(p) for p, _ in probes]
-    cfg = load_learn_config(None, ["epochs=40", "batch_size=8", "lr=30", "top_t=64", "background=answer"])
+    cfg = load_learn_config(None, ["epochs=40", "batch_size=8", "lr=30", "top_t=64", "background=answer", "guard_docs=64"])
     report = learn(out, data, cfg, progress=not json_out, author="demo", note="demo learning run")
     (event,) = report["events"]
     with Editor.open(out) as ed:
