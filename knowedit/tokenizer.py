@@ -58,11 +58,12 @@ class TextCodec:
     ``<eos>`` in training, so greedy decoding stops after it.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, pad_token: str = PAD, eos_token: str = EOS) -> None:
+        """``pad_token``/``eos_token``: a Hugging Face tokenizer's own (e.g. ``<|endoftext|>``)."""
         self.tok = tokenizer
-        pad, eos = tokenizer.token_to_id(PAD), tokenizer.token_to_id(EOS)
+        pad, eos = tokenizer.token_to_id(pad_token), tokenizer.token_to_id(eos_token)
         if pad is None or eos is None:
-            raise ValueError("tokenizer lacks the <pad>/<eos> special tokens")
+            raise ValueError(f"tokenizer lacks the {pad_token}/{eos_token} special tokens")
         self.pad_id: int = pad
         self.eos_id: int = eos
 
@@ -82,8 +83,8 @@ class TextCodec:
         return cls(tok)
 
     @classmethod
-    def load(cls, path: str | Path) -> TextCodec:
-        return cls(Tokenizer.from_file(str(path)))
+    def load(cls, path: str | Path, pad_token: str = PAD, eos_token: str = EOS) -> TextCodec:
+        return cls(Tokenizer.from_file(str(path)), pad_token, eos_token)
 
     def save(self, path: str | Path) -> None:
         self.tok.save(str(path))
