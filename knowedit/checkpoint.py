@@ -140,6 +140,10 @@ def save_checkpoint(path: str | Path, model: MemoryLM, codec: TextCodec, config:
         codec: the tokenizer.
         config: the resolved training config to save (defaults to the model config).
     """
+    if getattr(model, "is_retrofit", False):  # a transformers model with memory layers
+        from knowedit.retrofit import save_retrofit
+
+        return save_retrofit(path, model, getattr(model, "tokenizer_json", None) or codec.tok.to_str().encode())  # type: ignore[arg-type]
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{MODEL_FILE}.tmp"
@@ -272,6 +276,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     config_text = _read_config_text(p / CONFIG_FILE)
     if not config_text.strip():
         raise CheckpointError(f"{p / CONFIG_FILE} is not a valid model config: the file is empty")
+    if "kind:" in config_text:
+        from knowedit.retrofit import is_retrofit_config, load_retrofit
+
+        if is_retrofit_config(config_text):  # knowedit retrofit: a transformers model with memory layers
+            return load_retrofit(p, config_text, device)
     try:
         cfg = model_config_from_yaml(config_text)
     except Exception as err:  # omegaconf raises many types
