@@ -16,7 +16,7 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from knowedit.cli import demo, edit, evaluate, learn, ledger, model, serve
+    from knowedit.cli import demo, edit, evaluate, learn, ledger, model, retrofit, serve
 
     app.add_typer(edit.app, name="edit")
     app.add_typer(ledger.app, name="ledger")
@@ -24,6 +24,7 @@ def _register() -> None:
     demo.register(app)
     evaluate.register(app)
     learn.register(app)
+    retrofit.register(app)
     serve.register(app)
 
 
