@@ -238,12 +238,17 @@ def sharded_lookup(
 # --------------------------------------------------------------------------- training glue
 
 
-def allreduce_sum_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:  # noqa: ANN401
-    """DDP communication hook: the dense gradients are *summed* over ranks (DDP's own hook
-    averages). Each rank backpropagates its share of the global mean loss, so the sum is
-    the single-process gradient on the global batch, as the value shards' gradients are."""
+def _allreduce_sum_hook(state, bucket):  # noqa: ANN001, ANN202
     fut = dist.all_reduce(bucket.buffer(), group=state, async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
+
+
+# DDP checks a hook's annotations as objects, which ``from __future__ import annotations`` makes strings.
+_allreduce_sum_hook.__annotations__ = {"state": object, "bucket": dist.GradBucket, "return": torch.futures.Future[torch.Tensor]}
+allreduce_sum_hook = _allreduce_sum_hook
+"""DDP communication hook: the dense gradients are *summed* over ranks (DDP's own hook
+averages). Each rank backpropagates its share of the global mean loss, so the sum is the
+single-process gradient on the global batch, as the value shards' gradients are."""
 
 
 def ddp_ignore_names(module: nn.Module) -> list[str]:
@@ -265,17 +270,17 @@ def consolidated_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """
     from knowedit.memory import ValuePool
 
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    for name, pool in model.named_modules():
-        if not isinstance(pool, ValuePool) or pool.shard is None:
+    whole: dict[int, torch.Tensor] = {}
+    for pool in model.modules():
+        if not isinstance(pool, ValuePool) or pool.shard is None or id(pool.values) in whole:
             continue
         spec = pool.shard
         shard = pool.values.detach().contiguous()
         parts = [torch.empty_like(shard) for _ in range(spec.world)] if spec.rank == 0 else None
         dist.gather(shard, parts, dst=dist.get_global_rank(spec.group, 0) if spec.group else 0, group=spec.group)
-        key = f"{name}.values"
-        if spec.rank == 0:
-            state[key] = torch.cat(parts, dim=1)
+        whole[id(pool.values)] = torch.cat(parts, dim=1) if spec.rank == 0 else shard
+    # A pool's table appears under every module that holds the pool (pools.NAME and blocks.I.ffn.pool).
+    state = {k: whole.get(id(v), v).detach() for k, v in model.state_dict(keep_vars=True).items()}
     rank = dist.get_rank() if dist.is_initialized() else 0
     return state if rank == 0 else None
 
@@ -305,3 +310,19 @@ class ShardedBatches(Sampler[list[int]]):
             if len(batch) < self.world:
                 return
             yield batch[self.rank :: self.world]
+
+
+def memory_parallel_strategy(accelerator: str, timeout_minutes: float = 30.0) -> Any:  # noqa: ANN401
+    """Lightning's ``DDPStrategy`` for memory-parallel training: NCCL on GPUs, gloo on CPU;
+    dense gradients summed over ranks (:func:`allreduce_sum_hook`) on every device type
+    (Lightning registers a DDP communication hook only on CUDA)."""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    class MemoryParallelDDP(DDPStrategy):
+        def _register_ddp_hooks(self) -> None:
+            self.model.register_comm_hook(None, allreduce_sum_hook)
+
+    backend = "gloo" if accelerator == "cpu" else None  # None: Lightning's default for the device (NCCL on CUDA)
+    return MemoryParallelDDP(process_group_backend=backend, timeout=timedelta(minutes=timeout_minutes))

@@ -69,9 +69,9 @@ TRAINER_OWNED = {
     "plugins": "the recipe writes its resume checkpoint with its own CheckpointIO",
     "default_root_dir": "give the output directory with --out",
     "enable_progress_bar": "use --quiet",
-    "devices": "the recipe trains on one device",
-    "num_nodes": "the recipe trains on one device",
-    "strategy": "the recipe trains on one device",
+    "strategy": "with trainer.devices x trainer.num_nodes > 1 the recipe trains memory-parallel with DDP "
+    "(value tables sharded over the ranks; see docs/distributed.md)",
+    "use_distributed_sampler": "the recipe splits each global batch over the ranks itself",
     "accumulate_grad_batches": "the recipe steps its two optimizers itself (manual optimisation)",
     "gradient_clip_val": "the recipe steps its two optimizers itself (manual optimisation)",
     "gradient_clip_algorithm": "the recipe steps its two optimizers itself (manual optimisation)",
@@ -149,12 +149,19 @@ class FactDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         max_len = self.cfg.model.max_seq_len
         answer_only = self.cfg.data.answer_only_loss
-        return DataLoader(
-            self.train_ex,
-            batch_size=self.cfg.data.batch_size,
-            sampler=EpochShuffle(len(self.train_ex), self.cfg.seed),
-            collate_fn=lambda exs: encode_examples(self.codec, exs, max_len, answer_only),
-        )
+        sampler = EpochShuffle(len(self.train_ex), self.cfg.seed)
+        collate = functools.partial(_collate, self.codec, max_len=max_len, answer_only=answer_only)
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if world > 1:  # data.batch_size is the global batch: each rank reads its share of it
+            from knowedit.distributed import ShardedBatches
+
+            batches = ShardedBatches(sampler, self.cfg.data.batch_size, self.trainer.global_rank, world)
+            return DataLoader(self.train_ex, batch_sampler=batches, collate_fn=collate)
+        return DataLoader(self.train_ex, batch_size=self.cfg.data.batch_size, sampler=sampler, collate_fn=collate)
+
+
+def _collate(codec: TextCodec, exs: list[Example], *, max_len: int, answer_only: bool):  # noqa: ANN202
+    return encode_examples(codec, exs, max_len, answer_only)
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -214,7 +221,12 @@ class MemoryLMModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:  # noqa: ANN001
         opts, scheds = _as_list(self.optimizers()), _as_list(self.lr_schedulers())
         logits = self.model(batch.ids)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100)
+        if self.trainer.world_size > 1:
+            loss, shown = _share_of_global_loss(logits, batch.targets)
+        else:
+            loss = shown = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100
+            )
         for opt in opts:
             opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
@@ -222,8 +234,25 @@ class MemoryLMModule(L.LightningModule):
             opt.step()
         for sched in scheds:
             sched.step()
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
-        return loss
+        self.log("train_loss", shown, prog_bar=True, on_step=True, on_epoch=True)
+        return shown
+
+
+def _share_of_global_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of the global batch's mean loss, and that mean (detached).
+
+    The shares sum to the mean over every rank's scored tokens, which is what one process
+    on the global batch minimises; gradients are summed over ranks (dense ones in DDP's
+    communication hook, the value shards' in the sharded lookup), so they are its gradients.
+    """
+    import torch.distributed as dist
+
+    total = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
+    )
+    stats = torch.stack([total.detach().double(), (targets != -100).sum().double()])
+    dist.all_reduce(stats)
+    return total / stats[1].clamp_min(1).to(total.dtype), (stats[0] / stats[1].clamp_min(1)).to(total.dtype)
 
     def on_train_epoch_end(self) -> None:
         self.model.eval()
@@ -299,10 +328,11 @@ class _AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
-def _callbacks(cfg: TrainConfig, out: Path, n_eval: int) -> list[L.Callback]:
-    """Resume checkpoint (each ``checkpoint_every_n_epochs``) and early stopping at ``stop_at_accuracy``."""
+def _callbacks(cfg: TrainConfig, out: Path, n_eval: int, resumable: bool = True) -> list[L.Callback]:
+    """Resume checkpoint (each ``checkpoint_every_n_epochs``; not in memory-parallel runs) and
+    early stopping at ``stop_at_accuracy``."""
     callbacks: list[L.Callback] = []
-    if cfg.checkpoint_every_n_epochs:
+    if cfg.checkpoint_every_n_epochs and resumable:
         callbacks.append(ModelCheckpoint(
             dirpath=str((out / RESUME_FILE).parent), filename=Path(RESUME_FILE).stem, monitor=None, save_top_k=1,
             every_n_epochs=cfg.checkpoint_every_n_epochs, save_on_train_epoch_end=True, enable_version_counter=False,
@@ -356,6 +386,9 @@ def check_settings(cfg: TrainConfig) -> None:
         )
     if cfg.checkpoint_every_n_epochs < 0:
         raise ValueError(f"checkpoint_every_n_epochs must be >= 0 (0: none), got {cfg.checkpoint_every_n_epochs}")
+    world = world_size(cfg)
+    if world > 1:
+        check_memory_parallel(cfg, world)
     known = [k for k in inspect.signature(L.Trainer.__init__).parameters if k != "self"]
     for key in cfg.trainer:
         if key in TRAINER_OWNED:
@@ -364,6 +397,34 @@ def check_settings(cfg: TrainConfig) -> None:
             near = difflib.get_close_matches(key, known, n=3)
             hint = f"; did you mean {', '.join('trainer.' + k for k in near)}?" if near else ""
             raise ValueError(f"unknown trainer key trainer.{key}: lightning.Trainer takes no argument {key!r}{hint}")
+
+
+def check_memory_parallel(cfg: TrainConfig, world: int) -> None:
+    """What a run over ``world`` processes needs (value tables sharded by columns over them).
+
+    Raises:
+        DistributedError: one line: a value width or global batch not divisible by / smaller
+            than the ranks, or the row-wise AdaGrad value optimizer (its per-row state needs
+            whole rows).
+    """
+    from knowedit.distributed import DistributedError
+
+    width = cfg.model.memory.value_dim or cfg.model.d_model
+    if cfg.model.memory_layers and width % world:
+        raise DistributedError(
+            f"memory-parallel training over {world} processes shards each value row's {width} columns: "
+            f"choose trainer.devices x trainer.num_nodes dividing {width}"
+        )
+    if cfg.data.batch_size < world:
+        raise DistributedError(
+            f"data.batch_size={cfg.data.batch_size} is the global batch; it must hold at least one example "
+            f"per process ({world})"
+        )
+    if cfg.optim.value_optimizer == "rowwise_adagrad":
+        raise DistributedError(
+            "optim.value_optimizer=rowwise_adagrad keeps one state per whole row, which a column shard "
+            "does not have; use sparse_adam or sparse_sgd for memory-parallel runs"
+        )
 
 
 def train(
@@ -401,6 +462,10 @@ def train(
     fold_trainer_aliases(cfg)
     check_settings(cfg)  # before anything is written
     check_accelerator(cfg.accelerator)
+    if resume and world_size(cfg) > 1:
+        from knowedit.distributed import DistributedError
+
+        raise DistributedError("--resume is not supported for memory-parallel runs yet (they write no resume checkpoint)")
     if resume and not (Path(cfg.out) / RESUME_FILE).is_file():
         raise ValueError(
             f"nothing to resume: {Path(cfg.out) / RESUME_FILE} does not exist (train without --resume, "
@@ -427,6 +492,11 @@ def _train(cfg: TrainConfig, progress: bool, t0: float, resume: bool) -> dict:
     dm = FactDataModule(cfg)
     eval_sample = dm.train_ex if len(dm.train_ex) <= 4000 else random.Random(cfg.seed).sample(dm.train_ex, 4000)
     settings = {"devices": 1, **cfg.trainer}
+    world = world_size(cfg)
+    if world > 1:  # memory-parallel: DDP for the dense parameters, value tables sharded over the ranks
+        from knowedit.distributed import memory_parallel_strategy
+
+        settings.update(strategy=memory_parallel_strategy(cfg.accelerator), use_distributed_sampler=False)
     try:  # before writing: a Trainer that cannot be built leaves nothing behind
         trainer = L.Trainer(
             max_epochs=cfg.max_epochs,
@@ -435,8 +505,8 @@ def _train(cfg: TrainConfig, progress: bool, t0: float, resume: bool) -> dict:
             accelerator=cfg.accelerator,
             precision=cfg.precision,
             logger=_logger(cfg, out),
-            callbacks=_callbacks(cfg, out, len(eval_sample)),
-            enable_checkpointing=bool(cfg.checkpoint_every_n_epochs),
+            callbacks=_callbacks(cfg, out, len(eval_sample), resumable=world == 1),
+            enable_checkpointing=bool(cfg.checkpoint_every_n_epochs) and world == 1,
             plugins=[_AtomicCheckpointIO()],
             enable_progress_bar=progress,
             enable_model_summary=settings.pop("enable_model_summary", False),
@@ -454,12 +524,25 @@ def _train(cfg: TrainConfig, progress: bool, t0: float, resume: bool) -> dict:
     if not resume:  # a fresh run: an earlier run's resume state must not be resumed later
         (out / RESUME_FILE).unlink(missing_ok=True)
     cfg.model.vocab_size = dm.codec.vocab_size
-    model = build_model(cfg.model, seed=cfg.seed)
+    if world > 1:
+        from knowedit.distributed import ShardSpec, ddp_ignore_names, sharded_values
+
+        # Every rank draws the single-process model's initial weights, keeping its columns of the values.
+        with sharded_values(ShardSpec(trainer.global_rank, world)):
+            model = build_model(cfg.model, seed=cfg.seed)
+    else:
+        model = build_model(cfg.model, seed=cfg.seed)
     module = MemoryLMModule(cfg, model, eval_sample, dm.codec)
+    if world > 1:
+        module._ddp_params_and_buffers_to_ignore = [f"model.{n}" for n in ddp_ignore_names(model)]
     # weights_only: the resume file is read by torch's restricted unpickler (tensors and
     # plain containers only), never by plain pickle.
     trainer.fit(module, datamodule=dm, ckpt_path=str(out / RESUME_FILE) if resume else None, weights_only=True)
-    model = module.model.cpu().eval()
+    if world > 1:
+        model = _consolidate(cfg, module.model)
+        if model is None:  # ranks other than 0 write nothing
+            return {"name": cfg.name, "rank": trainer.global_rank, "world_size": world}
+    model = module.model.cpu().eval() if world == 1 else model
     train_seconds = time.monotonic() - t0
     save_checkpoint(out, model, dm.codec, cfg)
     write_jsonl(out / CORPUS_FILE, [asdict(e) for e in dm.train_ex])
@@ -478,9 +561,37 @@ def _train(cfg: TrainConfig, progress: bool, t0: float, resume: bool) -> dict:
         "threads": torch.get_num_threads(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "memory_slots": cfg.model.memory.n_keys**2 if cfg.model.memory_layers else 0,
+        "world_size": world,
     }
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
     return report
+
+
+def world_size(cfg: TrainConfig) -> int:
+    """Processes of the run: ``trainer.devices`` x ``trainer.num_nodes`` (1 when not set).
+
+    Raises:
+        ValueError: a value that is not a positive whole number.
+    """
+    n = 1
+    for key in ("devices", "num_nodes"):
+        v = cfg.trainer.get(key, 1)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"trainer.{key} must be a positive whole number (processes to train on), got {v!r}")
+        n *= v
+    return n
+
+
+def _consolidate(cfg: TrainConfig, sharded: MemoryLM) -> MemoryLM | None:
+    """The whole model on rank 0, from every rank's value columns (a collective); None elsewhere."""
+    from knowedit.distributed import consolidated_state_dict
+
+    state = consolidated_state_dict(sharded.cpu())
+    if state is None:
+        return None
+    whole = build_model(cfg.model)
+    whole.load_state_dict(state)
+    return whole.eval()
 
 
 def resolve_data_path(cfg: TrainConfig, config_dir: str | Path | None = None) -> None:

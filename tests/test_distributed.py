@@ -6,9 +6,11 @@ Every multi-process test spawns its ranks with torch.multiprocessing (start meth
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import socket
+import warnings
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,115 @@ def test_sharded_batches_union_is_the_global_batch() -> None:
         assert got == sorted(order[8 * step : 8 * step + 8])
     # a last global batch smaller than the ranks is dropped everywhere
     assert len(ShardedBatches(EpochShuffle(18, seed=0), 8, 0, 4)) == 2
+
+
+# --------------------------------------------------------------------------- the recipe
+
+#: 20 training steps (batches) of the debug recipe (120 examples, global batch 32: 4 steps an epoch).
+TRAIN_OVERRIDES = [
+    "max_steps=40",  # two optimizer steps (dense, values) a batch: 20 batches
+    "max_epochs=100",
+    "accelerator=cpu",
+    "logger=csv",
+    "checkpoint_every_n_epochs=0",
+    "trainer.log_every_n_steps=1",
+    "optim.warmup_steps=5",
+]
+PROBE_PROMPTS = 12
+
+
+def _debug_cfg(out: Path, extra: list[str]):  # noqa: ANN202
+    from knowedit.config import load_train_config
+
+    cfg = load_train_config(str(CONFIG_DIR / "debug.yaml"), TRAIN_OVERRIDES + extra)
+    cfg.out = str(out)
+    return cfg
+
+
+def _train_worker(rank: int, world: int, port: int, out: str, extra: list[str]) -> None:
+    """One rank of ``knowedit train debug trainer.devices=world``, launched as torchrun would
+    (LOCAL_RANK set: Lightning starts no processes of its own). Before the shards are
+    consolidated, the sharded model's answers and logits are written to ``out/sharded.json``."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world)
+    )
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    import knowedit.recipes.train as recipe
+    from knowedit.inference import greedy
+
+    consolidate = recipe._consolidate
+
+    def probe_then_consolidate(cfg, sharded):  # noqa: ANN001, ANN202
+        sharded.eval()
+        prompts, ids, codec = _probe(cfg)
+        with torch.no_grad():
+            answers = greedy(sharded, codec, prompts)  # every rank runs the same prompts together
+            logits = sharded(ids)
+        if rank == 0:
+            shards = [p.values.shape for p in sharded.pools.values()]
+            Path(cfg.out, "sharded.json").write_text(json.dumps({
+                "answers": answers, "logits": logits.tolist(), "shard_shapes": [list(s) for s in shards],
+            }))  # fmt: skip
+        return consolidate(cfg, sharded)
+
+    recipe._consolidate = probe_then_consolidate
+    recipe.train(_debug_cfg(Path(out), [f"trainer.devices={world}", *extra]), progress=False)
+
+
+def _probe(cfg):  # noqa: ANN001, ANN202
+    """The first prompts of the world, a (B, T) batch of their token ids, and the tokenizer."""
+    from knowedit.data import make_world
+    from knowedit.recipes.train import FactDataModule
+
+    dm = FactDataModule(cfg)
+    prompts = [e.prompt for e in make_world(cfg.data.world).train_examples()[:PROBE_PROMPTS]]
+    rows = [dm.codec.encode_prompt(p) for p in prompts]
+    width = min(len(r) for r in rows)
+    return prompts, torch.tensor([r[:width] for r in rows]), dm.codec
+
+
+def _losses(out: Path) -> list[float]:
+    with open(out / "logs" / "version_0" / "metrics.csv") as f:
+        return [float(r["train_loss_step"]) for r in csv.DictReader(f) if r.get("train_loss_step")]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from knowedit.recipes.train import train
+
+    out = tmp_path_factory.mktemp("one")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(_debug_cfg(out, []), progress=False)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_training_matches_one_process(world: int, one_process_run: Path, tmp_path: Path) -> None:
+    from knowedit.checkpoint import load_checkpoint
+    from knowedit.editor import Editor
+
+    _spawn(_train_worker, world, str(tmp_path), [])
+    ref, got = _losses(one_process_run), _losses(tmp_path)
+    assert len(ref) == len(got) == 20
+    assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-4, (ref, got)
+    assert ref[-1] < ref[0] - 0.5  # it did learn something
+    sharded = json.loads((tmp_path / "sharded.json").read_text())
+    d = load_checkpoint(tmp_path).cfg.d_model
+    assert sharded["shard_shapes"] == [[16**2, d // world]] * 2  # each rank held 1/world of every table
+    # The consolidated checkpoint is an ordinary one: one process loads it and answers as the sharded model did.
+    whole = load_checkpoint(tmp_path).model
+    cfg = _debug_cfg(tmp_path, [])
+    prompts, ids, _ = _probe(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(whole(ids), torch.tensor(sharded["logits"]), atol=1e-5, rtol=1e-5)
+    editor = Editor.open(tmp_path, read_only=True)
+    assert [editor.ask(p) for p in prompts] == sharded["answers"]
+    # and it is the single-process run's model
+    ref_model = load_checkpoint(one_process_run).model
+    for (name, a), (_, b) in zip(ref_model.state_dict().items(), whole.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
+    report = json.loads((tmp_path / "train_report.json").read_text())
+    assert report["world_size"] == world and report["steps"] == 40
