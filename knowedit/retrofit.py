@@ -579,6 +579,7 @@ def retrofit(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tf.logging.set_verbosity_error()
+            tf.logging.disable_progress_bar()
             hf = tf.AutoModelForCausalLM.from_pretrained(
                 str(hf_dir), dtype=torch.float32, attn_implementation="eager", use_safetensors=True, local_files_only=True
             )

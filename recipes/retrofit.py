@@ -99,6 +99,33 @@ def load_memory_train_config(path: str | Path | None = None, overrides: list[str
         raise MemoryTrainError(str(err)) from None
 
 
+def _module_class(base: type) -> type:
+    """:class:`MemoryLMModule` with its epoch-end accuracy (early stopping) and resume
+    checks stated here, so they hold whatever the base class defines."""
+    from knowedit.config import to_yaml
+    from knowedit.inference import teacher_forced
+    from knowedit.recipes.train import check_resumable
+
+    class RetrofitMemoryModule(base):  # type: ignore[misc, valid-type]
+        def on_train_epoch_end(self) -> None:
+            self.model.eval()
+            ex = self.eval_examples
+            self.train_accuracy = sum(teacher_forced(self.model, self.codec, ex)["exact"]) / max(1, len(ex))
+            self.model.train()
+            self.log("train_acc", self.train_accuracy, prog_bar=True)  # EarlyStopping reads it
+
+        def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+            checkpoint["knowedit_config"] = to_yaml(self.cfg)  # what --resume must match
+
+        def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+            try:
+                check_resumable(checkpoint.get("knowedit_config"), self.cfg)  # type: ignore[arg-type]
+            except ValueError as err:
+                raise MemoryTrainError(str(err)) from None
+
+    return RetrofitMemoryModule
+
+
 def train_memory(model_dir: str | Path, data: str | Path, cfg: MemoryTrainConfig, progress: bool = True, resume: bool = False) -> dict:
     """Train the memory layers of the retrofitted checkpoint ``model_dir`` on ``data``;
     write the trained checkpoint to ``cfg.out``.
@@ -183,7 +210,7 @@ def train_memory(model_dir: str | Path, data: str | Path, cfg: MemoryTrainConfig
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MemoryTrainError(f"cannot train with these settings: {first}") from None
     out.mkdir(parents=True, exist_ok=True)
-    module = MemoryLMModule(cfg, model, eval_sample, codec)  # type: ignore[arg-type]
+    module = _module_class(MemoryLMModule)(cfg, model, eval_sample, codec)  # type: ignore[arg-type]
     model.train()
     trainer.fit(module, train_dataloaders=loader, ckpt_path=str(out / RESUME_FILE) if resume else None, weights_only=True)
     model = module.model.cpu().eval()
