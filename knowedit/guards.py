@@ -212,6 +212,9 @@ class GuardBuilder:
         self.live = LiveReads()
         self._by_prompt: dict[str, list[int]] | None = None
         self._by_answer: dict[str, list[Example]] | None = None
+        self._last_reads: tuple[object, tuple, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] | None = None
+        """The last :meth:`_reads` call's key and answer: :meth:`build` and :meth:`unguarded`
+        of one edit ask for the same split, which is computed once."""
 
     def docs_answering(self, answer: str) -> list[Example]:
         """Background documents whose answer is ``answer``, in corpus order."""
@@ -233,6 +236,7 @@ class GuardBuilder:
         """Weights upstream of the last memory layer changed: drop every cache."""
         self.background.clear()
         self.live.clear()
+        self._last_reads = None
 
     @torch.no_grad()
     def edit_reads(self, prompts: Sequence[str], target: str) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -261,6 +265,17 @@ class GuardBuilder:
         guarded; beyond it, each slot's ``per_slot`` strongest readers (with every
         read they make of ``slots``), and its next ``CHECK_FACTOR x per_slot`` are
         checked."""
+        key = (pool, slots.cpu().numpy().tobytes(), frozenset(editing), per_slot)
+        last = self._last_reads
+        if last is not None and last[0] is self.stats and last[1] == key:
+            return last[2]
+        split = self._split_reads(pool, slots, editing, per_slot)
+        self._last_reads = (self.stats, key, split)
+        return split
+
+    def _split_reads(
+        self, pool: str, slots: torch.Tensor, editing: set[str], per_slot: int
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         e = torch.zeros(0, dtype=torch.long)
         empty = (e, e, e, torch.zeros(0))
         if self.stats is None or pool not in self.stats.inv_ptr or not self.docs:
