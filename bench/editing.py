@@ -10,7 +10,7 @@ Writes ``editing.json``, ``editing.md`` (the table) and PNG plots into --out-dir
 method) and ``editing-retention.png`` (reliability on edits 1..t at the largest T).
 
     python bench/editing.py --model runs/counterfact \
-        --edits ../shared/data/counterfact-train.json --device cuda
+        --edits PATH/counterfact-train.json --device cuda
     python bench/editing.py --model runs/tiny --quick --out-dir /tmp/bench   # seconds on CPU
 
 --edits defaults to MODEL/edits.jsonl (written by `knowedit train` for synthetic worlds).

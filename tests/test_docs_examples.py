@@ -104,11 +104,9 @@ SUBSTITUTIONS: list[tuple[str, str, str]] = [
      r'mkdir -p "$(dirname \1)" && cp -r "$DOCS_TINY_MODEL" \1',
      "the session's tiny model (conftest's tiny_ckpt) is this command's output: copied, not "
      "trained again (`knowedit demo` and the counterfact recipe still train here)"),
-    (r"knowedit train counterfact\b", "knowedit train counterfact data.path=counterfact-train.json",
-     "the counterfact recipe reads ../shared/data by default: the hand-made records instead"),
     (r"\bmax_minutes=\d+", "max_minutes=1", "hour-long trainings: stop after a minute at most"),
     (r"\bmax_epochs=[1-9]\d+", "max_epochs=2", "hour-long trainings (10 epochs or more): two"),
-    (r"(\.\./shared/data|PATH)/counterfact-train\.json", "counterfact-train.json",
+    (r"PATH/counterfact-train\.json", "counterfact-train.json",
      "the real CounterFact file is outside the project: the hand-made records"),
     (r"(?<![\w.])/tmp/", "tmp/", "keep every file inside the test's working directory"),
     # Benchmarks: the same scripts and options, at the smallest sizes.
@@ -162,7 +160,7 @@ wait_for_server() {
 """
 
 #: A CounterFact-like file in EasyEdit's format (fields as in
-#: knowedit/data/records.py), standing in for ../shared/data/counterfact-train.json.
+#: knowedit/data/records.py), standing in for CounterFact's counterfact-train.json.
 COUNTERFACT_RECORDS = [
     {
         "case_id": i,
