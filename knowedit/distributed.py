@@ -47,6 +47,7 @@ __all__ = [
     "consolidated_state_dict",
     "current_shard",
     "ddp_ignore_names",
+    "rank_share",
     "sharded_lookup",
     "sharded_values",
 ]
@@ -286,17 +287,18 @@ def consolidated_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
 
 
 class ShardedBatches(Sampler[list[int]]):
-    """Batches of one rank: each global batch of the single-process order, split ``[rank::world]``.
+    """The single-process run's global batches, for a run over ``world`` ranks.
 
     ``sampler`` (e.g. the recipe's ``EpochShuffle``) gives the single-process order of one
-    epoch; the global batches are its runs of ``batch_size``; rank r takes every world-th
-    example of each. The union over ranks of step t's batches is the single-process run's
-    batch t. A last global batch smaller than ``world`` is dropped on every rank (no rank
-    may have an empty step).
+    epoch; the global batches are its runs of ``batch_size``, yielded whole: every rank
+    encodes the global batch (so it is padded to the same length as in one process; pad
+    positions read value rows too, and a lazy optimizer such as SparseAdam updates every
+    row a batch read) and keeps its rows with :func:`rank_share`. A last global batch
+    smaller than ``world`` is dropped (no rank may have an empty step).
     """
 
-    def __init__(self, sampler: Sampler[int], batch_size: int, rank: int, world: int) -> None:
-        self.sampler, self.batch_size, self.rank, self.world = sampler, batch_size, rank, world
+    def __init__(self, sampler: Sampler[int], batch_size: int, world: int) -> None:
+        self.sampler, self.batch_size, self.world = sampler, batch_size, world
 
     def __len__(self) -> int:
         n = len(self.sampler)  # type: ignore[arg-type]
@@ -309,7 +311,12 @@ class ShardedBatches(Sampler[list[int]]):
             batch = order[a : a + self.batch_size]
             if len(batch) < self.world:
                 return
-            yield batch[self.rank :: self.world]
+            yield batch
+
+
+def rank_share(rows: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rank ``rank``'s rows of a global batch: every ``world``-th, from row ``rank``."""
+    return rows[rank::world]
 
 
 def memory_parallel_strategy(accelerator: str, timeout_minutes: float = 30.0) -> Any:  # noqa: ANN401

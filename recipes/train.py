@@ -152,16 +152,27 @@ class FactDataModule(L.LightningDataModule):
         sampler = EpochShuffle(len(self.train_ex), self.cfg.seed)
         collate = functools.partial(_collate, self.codec, max_len=max_len, answer_only=answer_only)
         world = self.trainer.world_size if self.trainer is not None else 1
-        if world > 1:  # data.batch_size is the global batch: each rank reads its share of it
+        if world > 1:  # data.batch_size is the global batch: each rank trains on its share of it
             from knowedit.distributed import ShardedBatches
 
-            batches = ShardedBatches(sampler, self.cfg.data.batch_size, self.trainer.global_rank, world)
-            return DataLoader(self.train_ex, batch_sampler=batches, collate_fn=collate)
+            batches = ShardedBatches(sampler, self.cfg.data.batch_size, world)
+            share = functools.partial(_collate_share, collate, rank=self.trainer.global_rank, world=world)
+            return DataLoader(self.train_ex, batch_sampler=batches, collate_fn=share)
         return DataLoader(self.train_ex, batch_size=self.cfg.data.batch_size, sampler=sampler, collate_fn=collate)
 
 
 def _collate(codec: TextCodec, exs: list[Example], *, max_len: int, answer_only: bool):  # noqa: ANN202
     return encode_examples(codec, exs, max_len, answer_only)
+
+
+def _collate_share(collate: Any, exs: list[Example], *, rank: int, world: int):  # noqa: ANN202, ANN401
+    """One rank's rows of the global batch, padded as the whole global batch is."""
+    from dataclasses import fields
+
+    from knowedit.distributed import rank_share
+
+    batch = collate(exs)
+    return type(batch)(*(rank_share(getattr(batch, f.name), rank, world) for f in fields(batch)))
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:

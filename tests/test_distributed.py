@@ -96,18 +96,19 @@ def test_shard_needs_divisible_width() -> None:
         _layer(0, d=32, spec=ShardSpec(0, 3))
 
 
-def test_sharded_batches_union_is_the_global_batch() -> None:
+def test_sharded_batches_are_the_global_batches() -> None:
+    from knowedit.distributed import rank_share
     from knowedit.recipes.train import EpochShuffle
 
     sampler = EpochShuffle(23, seed=3)
     order = list(sampler)
-    parts = [list(ShardedBatches(sampler, 8, r, 4)) for r in range(4)]
-    assert all(len(p) == len(ShardedBatches(sampler, 8, r, 4)) == 3 for r, p in enumerate(parts))
-    for step in range(3):
-        got = sorted(i for p in parts for i in p[step])
-        assert got == sorted(order[8 * step : 8 * step + 8])
+    batches = list(ShardedBatches(sampler, 8, 4))
+    assert len(batches) == len(ShardedBatches(sampler, 8, 4)) == 3
+    assert batches == [order[0:8], order[8:16], order[16:23]]
+    rows = torch.arange(7)
+    assert sorted(torch.cat([rank_share(rows, r, 4) for r in range(4)]).tolist()) == rows.tolist()
     # a last global batch smaller than the ranks is dropped everywhere
-    assert len(ShardedBatches(EpochShuffle(18, seed=0), 8, 0, 4)) == 2
+    assert len(ShardedBatches(EpochShuffle(18, seed=0), 8, 4)) == len(list(ShardedBatches(EpochShuffle(18, 0), 8, 4))) == 2
 
 
 # --------------------------------------------------------------------------- the recipe
