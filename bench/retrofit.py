@@ -168,7 +168,7 @@ def main() -> None:
 
         shutil.copyfile(hf_dir / "edits.jsonl", mem_dir / "edits.jsonl")
     t0 = time.monotonic()
-    subprocess.run([sys.executable, "bench/editing.py", "--model", str(mem_dir), "--methods", "sparse", "--ts", a.ts,
+    subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "editing.py"), "--model", str(mem_dir), "--methods", "sparse", "--ts", a.ts,
                     "--threads", str(a.threads), "--out-dir", str(out / "editing")], check=True)
     report["editing_seconds"] = round(time.monotonic() - t0, 1)
     (out / "retrofit_bench.json").write_text(json.dumps(report, indent=2, default=str))

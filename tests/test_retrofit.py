@@ -31,8 +31,13 @@ WORLD = WorldConfig(entities=20, relations=2, phrasings=3, held_out=1, objects_p
 
 
 def _hf_config(arch: str, codec: TextCodec, seed_layers: int = 2):  # noqa: ANN202
-    from transformers import GPT2Config, LlamaConfig
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
+    if arch in ("qwen2", "mistral"):
+        cls = Qwen2Config if arch == "qwen2" else MistralConfig
+        return cls(vocab_size=codec.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=seed_layers,
+                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                   eos_token_id=codec.eos_id, pad_token_id=codec.pad_id, bos_token_id=None)
     if arch == "gpt2":
         return GPT2Config(vocab_size=codec.vocab_size, n_embd=64, n_layer=seed_layers, n_head=2, n_positions=64,
                           eos_token_id=codec.eos_id, bos_token_id=codec.eos_id)
@@ -63,11 +68,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(scope="module")
 def hf_dirs(world: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Untrained tiny Llama and GPT-2 models, saved with save_pretrained."""
+    """Untrained tiny Llama, GPT-2, Qwen2 and Mistral models, saved with save_pretrained."""
     from transformers import AutoModelForCausalLM
 
     out = {}
-    for arch in ("llama", "gpt2"):
+    for arch in ("llama", "gpt2", "qwen2", "mistral"):
         torch.manual_seed(0)
         m = AutoModelForCausalLM.from_config(_hf_config(arch, world["codec"]))
         out[arch] = _save_hf(m, world["codec"], tmp_path_factory.mktemp(arch), tokenizer_config=arch == "llama")
@@ -116,7 +121,7 @@ def _one_line_failure(r, *phrases: str) -> None:  # noqa: ANN001
         assert p in text, r.output
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "mistral"])
 def test_logits_equal_before_training(arch: str, hf_dirs: dict[str, Path], world: dict, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
