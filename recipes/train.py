@@ -249,6 +249,20 @@ class MemoryLMModule(L.LightningModule):
         return shown
 
 
+    def on_train_epoch_end(self) -> None:
+        self.model.eval()
+        ex = self.eval_examples
+        self.train_accuracy = sum(teacher_forced(self.model, self.codec, ex)["exact"]) / max(1, len(ex))
+        self.model.train()
+        self.log("train_acc", self.train_accuracy, prog_bar=True)  # EarlyStopping reads it next
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["knowedit_config"] = to_yaml(self.cfg)  # what --resume must match
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_resumable(checkpoint.get("knowedit_config"), self.cfg)
+
+
 def _share_of_global_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's share of the global batch's mean loss, and that mean (detached).
 
@@ -264,19 +278,6 @@ def _share_of_global_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[
     stats = torch.stack([total.detach().double(), (targets != -100).sum().double()])
     dist.all_reduce(stats)
     return total / stats[1].clamp_min(1).to(total.dtype), (stats[0] / stats[1].clamp_min(1)).to(total.dtype)
-
-    def on_train_epoch_end(self) -> None:
-        self.model.eval()
-        ex = self.eval_examples
-        self.train_accuracy = sum(teacher_forced(self.model, self.codec, ex)["exact"]) / max(1, len(ex))
-        self.model.train()
-        self.log("train_acc", self.train_accuracy, prog_bar=True)  # EarlyStopping reads it next
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["knowedit_config"] = to_yaml(self.cfg)  # what --resume must match
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_resumable(checkpoint.get("knowedit_config"), self.cfg)
 
 
 def _scale_at_batch(batch: int, *, per_batch: int, warmup: int, total: int, min_ratio: float) -> float:

@@ -69,7 +69,11 @@ def test_trainer_key_passes_through(tmp_path: Path) -> None:
         ("trainer.max_epoch=1", ["did you mean trainer.max_epochs"]),
         ("trainer.logger=false", ["trainer.logger is set by the recipe", "logger=csv|tensorboard|none"]),
         ("trainer.max_time=5", ["trainer.max_time is set by the recipe", "max_minutes="]),
-        ("trainer.devices=2", ["trainer.devices is set by the recipe", "one device"]),
+        ("trainer.strategy=ddp", ["trainer.strategy is set by the recipe", "memory-parallel"]),
+        ("trainer.devices=3", ["shards each value row's", "columns", "dividing"]),
+        ("trainer.devices=two", ["trainer.devices must be a positive whole number"]),
+        ("trainer.num_nodes=0", ["trainer.num_nodes must be a positive whole number"]),
+        ("trainer.devices=2 optim.value_optimizer=rowwise_adagrad", ["rowwise_adagrad keeps one state per whole row"]),
         ("trainer.max_epochs=abc", ["trainer.max_epochs", "abc"]),
         ("optim.value_optimizer=adam", ["optim.value_optimizer must be one of sparse_adam, sparse_sgd, rowwise_adagrad"]),
         ("logger=wandb", ["unknown logger 'wandb'"]),
@@ -77,7 +81,7 @@ def test_trainer_key_passes_through(tmp_path: Path) -> None:
 )
 def test_bad_settings_are_one_line_errors(runner: CliRunner, tmp_path: Path, override: str, phrases: list[str]) -> None:
     out = tmp_path / "run"
-    result = runner.invoke(app, ["train", "tiny", override, "--out", str(out), "-q"])
+    result = runner.invoke(app, ["train", "tiny", *override.split(), "--out", str(out), "-q"])
     clean_failure(result, *phrases)
     assert len(result.output.strip().splitlines()) == 1, result.output
     assert not out.exists()  # nothing written
