@@ -164,6 +164,8 @@ def _gather_sizes(m: int, spec: ShardSpec, device: torch.device) -> list[int]:
     t = torch.tensor([m], dtype=torch.int64, device=device)
     parts = [torch.empty_like(t) for _ in range(spec.world)]
     dist.all_gather(parts, t, group=spec.group)
+    COMM_BYTES["sent"] += 8 * (spec.world - 1)
+    COMM_BYTES["calls"] += 1
     return [int(p) for p in parts]
 
 
