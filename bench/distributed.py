@@ -13,7 +13,7 @@ the ranks as the recipe splits it.
 Per rank it reports:
 
 * ``step ms``: median wall time of a training step (forward, backward, both optimizer
-  steps) over ``--steps`` after 2 warmup steps;
+  steps) over ``--steps`` after ``--warmup`` (2) untimed steps;
 * ``table MiB``: bytes of this rank's value tables plus SparseAdam's state for them
   (``exp_avg`` and ``exp_avg_sq``, allocated at the first step), counted from the tensors;
 * ``peak RSS MiB``: ``ru_maxrss`` of the rank's process, and its growth from just before
@@ -96,9 +96,9 @@ def _run_rank(rank: int, world: int, port: int, args: argparse.Namespace, result
         rank_share,
         reset_comm_bytes,
         sharded_values,
+        share_of_global_loss,
     )
     from knowedit.model import build_model
-    from knowedit.recipes.train import _share_of_global_loss
 
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -126,14 +126,15 @@ def _run_rank(rank: int, world: int, port: int, args: argparse.Namespace, result
     opt_d = torch.optim.AdamW(dense, lr=1e-3)
     g = torch.Generator().manual_seed(0)
     times, sent = [], []
-    for step in range(args.steps + 2):
+    warmup = getattr(args, "warmup", 2)
+    for step in range(args.steps + warmup):
         ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g)
         mine = rank_share(ids, rank, world)
         reset_comm_bytes()
         t0 = time.perf_counter()
         logits = net(mine[:, :-1])
         if world > 1:
-            loss, _ = _share_of_global_loss(logits, mine[:, 1:])
+            loss, _ = share_of_global_loss(logits, mine[:, 1:])
         else:
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), mine[:, 1:].flatten())
         opt_v.zero_grad(set_to_none=True)
@@ -141,7 +142,7 @@ def _run_rank(rank: int, world: int, port: int, args: argparse.Namespace, result
         loss.backward()
         opt_v.step()
         opt_d.step()
-        if step >= 2:
+        if step >= warmup:
             times.append(time.perf_counter() - t0)
             sent.append(COMM_BYTES["sent"])
     state = sum(t.numel() * t.element_size() for p in values for t in opt_v.state[p].values() if torch.is_tensor(t))
@@ -191,6 +192,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--mem-cap-mb", type=int, default=0, help="per-rank address-space cap above start-up (0: none)")
     ap.add_argument("--json-out", default="")
     args = ap.parse_args()

@@ -49,6 +49,7 @@ __all__ = [
     "ddp_ignore_names",
     "rank_share",
     "sharded_lookup",
+    "share_of_global_loss",
     "sharded_values",
 ]
 
@@ -252,6 +253,21 @@ allreduce_sum_hook = _allreduce_sum_hook
 """DDP communication hook: the dense gradients are *summed* over ranks (DDP's own hook
 averages). Each rank backpropagates its share of the global mean loss, so the sum is the
 single-process gradient on the global batch, as the value shards' gradients are."""
+
+
+def share_of_global_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of the global batch's mean loss, and that mean (detached).
+
+    The shares sum to the mean over every rank's scored tokens, which is what one process
+    on the global batch minimises; gradients are summed over ranks (dense ones in DDP's
+    communication hook, the value shards' in the sharded lookup), so they are its gradients.
+    """
+    total = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
+    )
+    stats = torch.stack([total.detach().double(), (targets != -100).sum().double()])
+    dist.all_reduce(stats)
+    return total / stats[1].clamp_min(1).to(total.dtype), (stats[0] / stats[1].clamp_min(1)).to(total.dtype)
 
 
 def ddp_ignore_names(module: nn.Module) -> list[str]:

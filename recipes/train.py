@@ -233,7 +233,9 @@ class MemoryLMModule(L.LightningModule):
         opts, scheds = _as_list(self.optimizers()), _as_list(self.lr_schedulers())
         logits = self.model(batch.ids)
         if self.trainer.world_size > 1:
-            loss, shown = _share_of_global_loss(logits, batch.targets)
+            from knowedit.distributed import share_of_global_loss
+
+            loss, shown = share_of_global_loss(logits, batch.targets)
         else:
             loss = shown = torch.nn.functional.cross_entropy(
                 logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100
@@ -261,23 +263,6 @@ class MemoryLMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_resumable(checkpoint.get("knowedit_config"), self.cfg)
-
-
-def _share_of_global_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's share of the global batch's mean loss, and that mean (detached).
-
-    The shares sum to the mean over every rank's scored tokens, which is what one process
-    on the global batch minimises; gradients are summed over ranks (dense ones in DDP's
-    communication hook, the value shards' in the sharded lookup), so they are its gradients.
-    """
-    import torch.distributed as dist
-
-    total = torch.nn.functional.cross_entropy(
-        logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
-    )
-    stats = torch.stack([total.detach().double(), (targets != -100).sum().double()])
-    dist.all_reduce(stats)
-    return total / stats[1].clamp_min(1).to(total.dtype), (stats[0] / stats[1].clamp_min(1)).to(total.dtype)
 
 
 def _scale_at_batch(batch: int, *, per_batch: int, warmup: int, total: int, min_ratio: float) -> float:

@@ -221,3 +221,35 @@ def test_sharded_training_matches_one_process(world: int, one_process_run: Path,
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
     report = json.loads((tmp_path / "train_report.json").read_text())
     assert report["world_size"] == world and report["steps"] == 40
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _bench():  # noqa: ANN202
+    import importlib
+    import sys
+
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))  # spawned ranks import bench.distributed by name
+    return importlib.import_module("bench.distributed")
+
+
+@pytest.mark.slow
+def test_table_too_big_for_one_capped_process_trains_on_four() -> None:
+    """2^18 slots x 64 fp32 (64 MiB) + SparseAdam state (128 MiB) under a 150 MiB address-space
+    cap per process: one process runs out of memory, four train, each holding a quarter."""
+    import argparse
+
+    bench = _bench()
+    args = argparse.Namespace(
+        n_keys=512, d=64, heads=2, topk=8, batch=8, seq=16, vocab=128, steps=1, warmup=0, mem_cap_mb=150
+    )
+    os.environ.setdefault("MALLOC_ARENA_MAX", "2")
+    (one,) = bench.run_world(1, args)
+    assert "out of memory" in one.get("error", ""), one
+    four = bench.run_world(4, args)
+    assert [r.get("error") for r in four] == [None] * 4, four
+    whole = 2**18 * 64 * 4 * 3 / 2**20  # values + exp_avg + exp_avg_sq, MiB
+    assert all(r["table_mib"] == whole / 4 for r in four)  # 1/N of the table and its optimizer state
+    assert all(r["lookup_bytes_measured"] == r["lookup_bytes_formula"] for r in four)
