@@ -57,6 +57,8 @@ def train(
     cfg = load_train_config(str(recipe), list(overrides or []))
     cfg.out = str(out if out is not None else Path("runs") / cfg.name)
     report = run_train(cfg, progress=not (quiet or json_out), config_dir=recipe.parent, resume=resume)
+    if report.get("rank", 0):  # a memory-parallel run's other ranks: rank 0 reports and writes
+        return
     report["out"] = cfg.out
     if json_out:
         emit_json(report)

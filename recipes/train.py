@@ -690,6 +690,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*treespec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*litlogger.*")
+    # Memory-parallel runs log the global batch's loss and an accuracy every rank computes alike.
+    warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
     warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")  # --resume
 
 
