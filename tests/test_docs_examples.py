@@ -138,6 +138,10 @@ SUBSTITUTIONS: list[tuple[str, str, str]] = [
      "bench/continual.py: two learning steps per method (its curves then have two points)"),
     (r"--train-set model\.memory\.n_keys=\d+", "--train-set max_epochs=1",
      "bench/continual.py pretrains on A for minutes: one epoch at the recipe's slots"),
+    (r"^knowedit [^\n]*(?:~/models/Qwen2\.5-0\.5B|runs/qwen-mem)[^\n]*$",
+     ": not run: needs a local Qwen2.5-0.5B checkpoint and a GPU",
+     "docs/retrofit.md's real-checkpoint commands: no weights can be downloaded here (the "
+     "page's tiny-model example runs the same commands)"),
     # The HTTP server: in the background on a free port, curl failing on HTTP errors.
     (r"^knowedit serve (.*)$", r"knowedit serve \1 --port $DOCS_PORT & wait_for_server",
      "the server runs until killed: in the background, the script waits for /health "
