@@ -80,7 +80,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out_dir: s
     except (MemoryError, RuntimeError) as err:  # the allocator's "can't allocate" under the cap
         if "alloc" not in str(err).lower() and not isinstance(err, MemoryError):
             raise
-        result["error"] = "out of memory: " + str(err).strip().splitlines()[0][:120]
+        result["error"] = "out of memory: " + str(err).strip().splitlines()[0][:200]
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     if world > 1 and "error" not in result:
         dist.destroy_process_group()

@@ -281,27 +281,39 @@ def ddp_ignore_names(module: nn.Module) -> list[str]:
     ]
 
 
-def consolidated_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
-    """The model's state dict with every sharded value table whole, on rank 0 (None elsewhere).
+def consolidated_state_dict(model: nn.Module, rows_per_chunk: int = 1 << 16) -> dict[str, torch.Tensor] | None:
+    """The model's state dict on the CPU with every sharded value table whole, on rank 0
+    (None elsewhere).
 
-    A collective: every rank of the shards' group calls it. Rank 0 then holds one whole
-    table at a time next to its shards (host memory), and writes an ordinary checkpoint.
+    A collective: every rank of the shards' group calls it. The tables are gathered
+    ``rows_per_chunk`` rows at a time on the shards' device (NCCL gathers GPU tensors,
+    gloo CPU ones) and assembled in rank 0's host memory, which then holds each whole table:
+    what an ordinary checkpoint needs.
     """
     from knowedit.memory import ValuePool
 
     whole: dict[int, torch.Tensor] = {}
+    rank0 = True
     for pool in model.modules():
         if not isinstance(pool, ValuePool) or pool.shard is None or id(pool.values) in whole:
             continue
         spec = pool.shard
-        shard = pool.values.detach().contiguous()
-        parts = [torch.empty_like(shard) for _ in range(spec.world)] if spec.rank == 0 else None
-        dist.gather(shard, parts, dst=dist.get_global_rank(spec.group, 0) if spec.group else 0, group=spec.group)
-        whole[id(pool.values)] = torch.cat(parts, dim=1) if spec.rank == 0 else shard
+        rank0 = spec.rank == 0
+        dst = dist.get_global_rank(spec.group, 0) if spec.group is not None else 0
+        shard = pool.values.detach()
+        n, width = shard.shape
+        full = torch.empty(n, width * spec.world, dtype=shard.dtype) if rank0 else shard
+        for a in range(0, n, rows_per_chunk):
+            part = shard[a : a + rows_per_chunk].contiguous()
+            parts = [torch.empty_like(part) for _ in range(spec.world)] if rank0 else None
+            dist.gather(part, parts, dst=dst, group=spec.group)
+            if rank0:
+                full[a : a + part.shape[0]] = torch.cat(parts, dim=1).cpu()
+        whole[id(pool.values)] = full
+    if not rank0:
+        return None
     # A pool's table appears under every module that holds the pool (pools.NAME and blocks.I.ffn.pool).
-    state = {k: whole.get(id(v), v).detach() for k, v in model.state_dict(keep_vars=True).items()}
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return state if rank == 0 else None
+    return {k: whole.get(id(v), v).detach().cpu() for k, v in model.state_dict(keep_vars=True).items()}
 
 
 class ShardedBatches(Sampler[list[int]]):

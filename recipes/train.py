@@ -583,7 +583,7 @@ def _consolidate(cfg: TrainConfig, sharded: MemoryLM) -> MemoryLM | None:
     """The whole model on rank 0, from every rank's value columns (a collective); None elsewhere."""
     from knowedit.distributed import consolidated_state_dict
 
-    state = consolidated_state_dict(sharded.cpu())
+    state = consolidated_state_dict(sharded)
     if state is None:
         return None
     whole = build_model(cfg.model)

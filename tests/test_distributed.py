@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from knowedit.config import MemoryConfig
-from knowedit.distributed import ShardedBatches, ShardSpec, sharded_values
+from knowedit.distributed import ShardedBatches, ShardSpec, consolidated_state_dict, sharded_values
 from knowedit.memory import ProductKeyMemory, ValuePool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +81,12 @@ def _layer_worker(rank: int, world: int, port: int) -> None:
         torch.testing.assert_close(total, q.grad, atol=1e-5, rtol=1e-5, msg=name)
     with torch.no_grad():  # the eval path: no autograd graph, same rows
         torch.testing.assert_close(layer(x[mine]), y_ref[mine].detach(), atol=1e-5, rtol=1e-5)
+    whole = consolidated_state_dict(layer, rows_per_chunk=24)  # 64 rows: three gathers, the last short
+    if rank == 0:
+        assert whole.keys() == ref.state_dict().keys()
+        assert torch.equal(whole["pool.values"], ref.pool.values.detach())
+    else:
+        assert whole is None
     dist.destroy_process_group()
 
 
