@@ -128,6 +128,12 @@ class _BlockView:
 
     ffn: nn.Module
 
+    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - only reached for a missing attribute
+        raise RetrofitError(
+            f"a retrofitted model's blocks have no {name!r}: LoRA (learn method=lora, eval --method lora) adapts "
+            "knowedit's own blocks; use the sparse, ft or ft-memory methods"
+        )
+
 
 def tensors_fingerprint(state: dict[str, torch.Tensor]) -> str:
     """SHA-256 over named tensors in sorted name order (name, dtype, shape, bytes);

@@ -226,6 +226,11 @@ def test_sequential_edits_and_eval(trained: Path, world: dict, tmp_path: Path) -
     new.write_text("Zorvath Quellin was born in Brindlemoor.\nThe river Ostrel flows into the Pale Sea.\n")
     r = runner.invoke(app, ["learn", "-m", str(model), "--data", str(new), "epochs=2", "guard_docs=0", "--quiet", "--json"])
     assert r.exit_code == 0, r.output
+    # LoRA targets knowedit's own blocks: refused in one line, nothing written.
+    r = runner.invoke(app, ["learn", "-m", str(model), "--data", str(new), "--config", "lora", "--out", str(tmp_path / "lora"),
+                            "epochs=1", "--quiet"])
+    _one_line_failure(r, "use the sparse, ft or ft-memory methods")
+    assert not (tmp_path / "lora").exists()
 
 
 def test_memory_outside_last_block(pretrained: Path, world: dict, tmp_path: Path) -> None:
