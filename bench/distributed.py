@@ -66,6 +66,10 @@ def _vm_kib(field: str) -> int:
     return 0
 
 
+def _maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _formula(layers: int, world: int, m_r: int, reads: int, d: int) -> int:
     if world == 1:
         return 0
@@ -115,6 +119,7 @@ def _run_rank(rank: int, world: int, port: int, args: argparse.Namespace, result
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with sharded_values(ShardSpec(rank, world) if world > 1 else None):
         model = build_model(cfg, seed=0)
+    phases = {"build": _maxrss_mib() - rss0 / 1024}
     values = model.value_parameters()
     dense = model.other_parameters()
     net: torch.nn.Module = model
@@ -122,6 +127,7 @@ def _run_rank(rank: int, world: int, port: int, args: argparse.Namespace, result
         model._ddp_params_and_buffers_to_ignore = ddp_ignore_names(model)
         net = torch.nn.parallel.DistributedDataParallel(model)
         net.register_comm_hook(None, allreduce_sum_hook)
+    phases["ddp"] = _maxrss_mib() - rss0 / 1024
     opt_v = torch.optim.SparseAdam(values, lr=1e-2)
     opt_d = torch.optim.AdamW(dense, lr=1e-3)
     g = torch.Generator().manual_seed(0)
@@ -140,8 +146,12 @@ def _run_rank(rank: int, world: int, port: int, args: argparse.Namespace, result
         opt_v.zero_grad(set_to_none=True)
         opt_d.zero_grad(set_to_none=True)
         loss.backward()
+        if step == 0:
+            phases["forward+backward"] = _maxrss_mib() - rss0 / 1024
         opt_v.step()
         opt_d.step()
+        if step == 0:
+            phases["first step"] = _maxrss_mib() - rss0 / 1024
         if step >= warmup:
             times.append(time.perf_counter() - t0)
             sent.append(COMM_BYTES["sent"])
@@ -156,6 +166,7 @@ def _run_rank(rank: int, world: int, port: int, args: argparse.Namespace, result
         optimizer_state_mib=round(state / 2**20, 2),
         peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         rss_growth_mib=round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024, 1),
+        rss_growth_by_phase_mib={k: round(v, 1) for k, v in phases.items()},
         lookup_bytes_measured=int(statistics.median(sent)),
         lookup_bytes_formula=_formula(1, world, m_r, args.heads * args.topk, args.d),
         dense_allreduce_bytes_formula=int(2 * (world - 1) / world * dense_bytes),

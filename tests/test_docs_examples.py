@@ -142,6 +142,14 @@ SUBSTITUTIONS: list[tuple[str, str, str]] = [
      ": not run: needs a local Qwen2.5-0.5B checkpoint and a GPU",
      "docs/retrofit.md's real-checkpoint commands: no weights can be downloaded here (the "
      "page's tiny-model example runs the same commands)"),
+    (r"bench/retrofit\.py --world small400", "bench/retrofit.py --world tiny --pretrain-epochs 5 --memory-epochs 1",
+     "bench/retrofit.py pretrains a GPT-2 stand-in on 1,600 facts for minutes: the tiny world, "
+     "5 epochs, one epoch of memory training"),
+    (r"^[^\n]*\btrainer\.devices=8\b[^\n]*$", ": not run: needs 8 GPUs a node, and two nodes for num_nodes=2",
+     "docs/distributed.md's multi-GPU and multi-node commands: this machine has no GPU (the "
+     "page's CPU commands run the same code on gloo processes)"),
+    (r"bench/distributed\.py(?: --json-out \S+)?", "bench/distributed.py --n-keys 64 --steps 1 --warmup 0",
+     "bench/distributed.py: 2^20 slots in 7 processes take minutes; 2^12 slots, one timed step"),
     # The HTTP server: in the background on a free port, curl failing on HTTP errors.
     (r"^knowedit serve (.*)$", r"knowedit serve \1 --port $DOCS_PORT & wait_for_server",
      "the server runs until killed: in the background, the script waits for /health "
