@@ -259,3 +259,15 @@ def test_table_too_big_for_one_capped_process_trains_on_four() -> None:
     whole = 2**18 * 64 * 4 * 3 / 2**20  # values + exp_avg + exp_avg_sq, MiB
     assert all(r["table_mib"] == whole / 4 for r in four)  # 1/N of the table and its optimizer state
     assert all(r["lookup_bytes_measured"] == r["lookup_bytes_formula"] for r in four)
+
+
+def test_resume_is_refused_for_memory_parallel_runs(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from knowedit.cli.app import app
+    from tests.cli_helpers import clean_failure
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "debug", "trainer.devices=2", "--out", str(out), "-q", "--resume"])
+    clean_failure(result, "--resume is not supported for memory-parallel runs")
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
