@@ -25,7 +25,8 @@ Per rank it reports:
   and their gradients all-to-all'ed, fp32 weight gradients returned; the +8 is the
   token-count all-gather), and the dense all-reduce's bytes by formula only
   (ring all-reduce: ``2 (W-1)/W x`` the dense gradient bytes; gloo's algorithm is not
-  instrumented).
+  instrumented), beside the dense gradient bytes the DDP hook handed to the all-reduce
+  (counted: ``payload``).
 
 ``--mem-cap-mb X`` caps every rank's address space (``resource.setrlimit(RLIMIT_AS)``) at
 its size just after start-up (imports, process group) plus X MiB, before the model is
@@ -131,7 +132,7 @@ def _run_rank(rank: int, world: int, port: int, args: argparse.Namespace, result
     opt_v = torch.optim.SparseAdam(values, lr=1e-2)
     opt_d = torch.optim.AdamW(dense, lr=1e-3)
     g = torch.Generator().manual_seed(0)
-    times, sent = [], []
+    times, sent, payload = [], [], []
     warmup = getattr(args, "warmup", 2)
     for step in range(args.steps + warmup):
         ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g)
@@ -155,6 +156,7 @@ def _run_rank(rank: int, world: int, port: int, args: argparse.Namespace, result
         if step >= warmup:
             times.append(time.perf_counter() - t0)
             sent.append(COMM_BYTES["sent"])
+            payload.append(COMM_BYTES["allreduce_payload"])
     state = sum(t.numel() * t.element_size() for p in values for t in opt_v.state[p].values() if torch.is_tensor(t))
     table = sum(p.numel() * p.element_size() for p in values)
     m_r = rank_share(torch.arange(args.batch), rank, world).numel() * args.seq
@@ -169,6 +171,7 @@ def _run_rank(rank: int, world: int, port: int, args: argparse.Namespace, result
         rss_growth_by_phase_mib={k: round(v, 1) for k, v in phases.items()},
         lookup_bytes_measured=int(statistics.median(sent)),
         lookup_bytes_formula=_formula(1, world, m_r, args.heads * args.topk, args.d),
+        dense_allreduce_payload_measured=int(statistics.median(payload)),
         dense_allreduce_bytes_formula=int(2 * (world - 1) / world * dense_bytes),
     )
 
@@ -214,18 +217,20 @@ def main() -> None:
     print(f"# table {n} slots x {args.d} fp32 = {n * args.d * 4 / 2**20:.0f} MiB (+ SparseAdam state 2x); "
           f"global batch {args.batch} x {args.seq} tokens; {args.heads} heads x top-{args.topk}"
           + (f"; cap {args.mem_cap_mb} MiB above start-up per rank" if args.mem_cap_mb else ""))  # fmt: skip
-    print("| W | rank | step ms | values+state MiB | peak RSS MiB (growth) | lookup bytes/step measured | formula | dense all-reduce bytes (formula) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| W | rank | step ms | values+state MiB | peak RSS MiB (growth) | lookup bytes/step measured | formula "
+          "| dense all-reduce payload (counted) | ring all-reduce bytes sent (formula) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     rows = []
     for world in args.worlds:
         for r in run_world(world, args):
             rows.append(r)
             if "error" in r:
-                print(f"| {world} | {r['rank']} | {r['error']} | | | | | |")
+                print(f"| {world} | {r['rank']} | {r['error']} | | | | | | |")
                 continue
             print(
                 f"| {world} | {r['rank']} | {r['step_ms']} | {r['table_mib']} | {r['peak_rss_mib']} ({r['rss_growth_mib']}) "
-                f"| {r['lookup_bytes_measured']} | {r['lookup_bytes_formula']} | {r['dense_allreduce_bytes_formula']} |"
+                f"| {r['lookup_bytes_measured']} | {r['lookup_bytes_formula']} | {r['dense_allreduce_payload_measured']} "
+                f"| {r['dense_allreduce_bytes_formula']} |"
             )
         sys.stdout.flush()
     if args.json_out:

@@ -58,13 +58,15 @@ class DistributedError(KnoweditError, ValueError):
     """A memory-parallel setting that cannot work (e.g. a value width not divisible by the ranks)."""
 
 
-COMM_BYTES: dict[str, int] = {"sent": 0, "calls": 0}
-"""Bytes this process has sent to other ranks in sharded lookups (forward and backward), and
-the number of collectives; :func:`reset_comm_bytes` zeroes them. Read by bench/distributed.py."""
+COMM_BYTES: dict[str, int] = {"sent": 0, "calls": 0, "allreduce_payload": 0}
+"""Bytes this process has sent to other ranks in sharded lookups (forward and backward), the
+number of those collectives, and the bytes of dense gradients it all-reduced in DDP
+(:func:`allreduce_sum_hook`; what the all-reduce itself sends depends on the backend's
+algorithm); :func:`reset_comm_bytes` zeroes them. Read by bench/distributed.py."""
 
 
 def reset_comm_bytes() -> None:
-    COMM_BYTES.update(sent=0, calls=0)
+    COMM_BYTES.update(sent=0, calls=0, allreduce_payload=0)
 
 
 @dataclass(frozen=True)
@@ -243,7 +245,9 @@ def sharded_lookup(
 
 
 def _allreduce_sum_hook(state, bucket):  # noqa: ANN001, ANN202
-    fut = dist.all_reduce(bucket.buffer(), group=state, async_op=True).get_future()
+    buf = bucket.buffer()
+    COMM_BYTES["allreduce_payload"] += buf.numel() * buf.element_size()
+    fut = dist.all_reduce(buf, group=state, async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
 
 
