@@ -199,6 +199,7 @@ def test_train_edit_ask_revert_verify(trained: Path, world: dict, tmp_path: Path
     assert all(torch.equal(live[k], before[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_sequential_edits_and_eval(trained: Path, world: dict, tmp_path: Path) -> None:
     """Ten edits in a row: reliable and local; eval and learn run on the retrofitted model."""
     import shutil
@@ -236,7 +237,6 @@ def test_sequential_edits_and_eval(trained: Path, world: dict, tmp_path: Path) -
 def test_memory_outside_last_block(pretrained: Path, world: dict, tmp_path: Path) -> None:
     """Memory in block 0 only: the fast last-layer path is unavailable; layers='all' edits."""
     from knowedit.editor import EditError, Editor
-
     from knowedit.recipes.retrofit import load_memory_train_config, train_memory
 
     retrofit(pretrained, tmp_path / "rf", layers="0", slots=256, overrides=MEMORY)
