@@ -37,6 +37,11 @@ Usage::
     python bench/distributed.py                                   # 1, 2, 4 processes
     python bench/distributed.py --worlds 1 4 --mem-cap-mb 600     # the cap: 1 fails, 4 train
     python bench/distributed.py --n-keys 256 --steps 4 --json-out d.json
+    python bench/distributed.py --parity --worlds 2 4 --set precision=64-true
+
+``--parity`` instead trains the ``debug`` recipe for 20 steps on one process and on each of
+``--worlds`` processes (through ``knowedit.recipes.train``, the ranks started as torchrun
+would) and prints the largest difference of the logged losses from one process's.
 """
 
 from __future__ import annotations
@@ -176,6 +181,57 @@ def _run_rank(rank: int, world: int, port: int, args: argparse.Namespace, result
     )
 
 
+#: 20 batches of the debug recipe (two optimizer steps a batch), a loss logged at every one.
+PARITY_OVERRIDES = [
+    "max_steps=40", "max_epochs=100", "accelerator=cpu", "logger=csv", "checkpoint_every_n_epochs=0",
+    "trainer.log_every_n_steps=1", "optim.warmup_steps=5", "threads=1",
+]  # fmt: skip
+
+
+def _parity_rank(rank: int, world: int, port: int, out: str, extra: list[str]) -> None:
+    """One rank of the debug recipe over ``world`` processes, started as torchrun would."""
+    import warnings
+
+    if world > 1:
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world)
+        )
+    warnings.simplefilter("ignore")
+    from knowedit.config import load_train_config
+    from knowedit.recipes.train import train
+
+    repo = Path(__file__).resolve().parents[1]
+    devices = [f"trainer.devices={world}"] if world > 1 else []
+    cfg = load_train_config(str(repo / "recipes" / "configs" / "debug.yaml"), PARITY_OVERRIDES + devices + extra)
+    cfg.out = out
+    train(cfg, progress=False)
+
+
+def _logged_losses(out: Path) -> list[float]:
+    import csv
+
+    with open(out / "logs" / "version_0" / "metrics.csv") as f:
+        return [float(r["train_loss_step"]) for r in csv.DictReader(f) if r.get("train_loss_step")]
+
+
+def parity(worlds: list[int], extra: list[str]) -> None:
+    """20 steps of the debug recipe on 1 process and on each of ``worlds``: the largest loss difference."""
+    with tempfile.TemporaryDirectory() as tmp:
+        losses = {}
+        for world in [1, *worlds]:
+            out = str(Path(tmp) / f"w{world}")
+            mp.start_processes(
+                _parity_rank, args=(world, _free_port(), out, extra), nprocs=world, join=True, start_method="spawn"
+            )
+            losses[world] = _logged_losses(Path(out))
+        print(f"# debug recipe, 20 steps, global batch 32 {' '.join(extra)}")
+        print("| processes | steps | first loss | last loss | max abs difference from 1 process |")
+        print("|---|---|---|---|---|")
+        for world, ls in losses.items():
+            diff = max(abs(a - b) for a, b in zip(ls, losses[1]))
+            print(f"| {world} | {len(ls)} | {ls[0]:.6f} | {ls[-1]:.6f} | {diff:.3g} |")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -209,9 +265,14 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--mem-cap-mb", type=int, default=0, help="per-rank address-space cap above start-up (0: none)")
     ap.add_argument("--json-out", default="")
+    ap.add_argument("--parity", action="store_true", help="instead: 20 steps of the debug recipe on 1 and --worlds processes")
+    ap.add_argument("--set", action="append", default=[], help="with --parity: a recipe override, e.g. precision=64-true")
     args = ap.parse_args()
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")  # fewer 64 MiB malloc arenas under an address-space cap
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.parity:
+        parity([w for w in args.worlds if w > 1], args.set)
+        return
     n = args.n_keys**2
     print(f"# {platform.node()} {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"# table {n} slots x {args.d} fp32 = {n * args.d * 4 / 2**20:.0f} MiB (+ SparseAdam state 2x); "
