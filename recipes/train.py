@@ -250,7 +250,6 @@ class MemoryLMModule(L.LightningModule):
         self.log("train_loss", shown, prog_bar=True, on_step=True, on_epoch=True)
         return shown
 
-
     def on_train_epoch_end(self) -> None:
         self.model.eval()
         ex = self.eval_examples

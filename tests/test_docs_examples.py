@@ -145,10 +145,16 @@ SUBSTITUTIONS: list[tuple[str, str, str]] = [
     (r"bench/retrofit\.py --world small400", "bench/retrofit.py --world tiny --pretrain-epochs 5 --memory-epochs 1",
      "bench/retrofit.py pretrains a GPT-2 stand-in on 1,600 facts for minutes: the tiny world, "
      "5 epochs, one epoch of memory training"),
+    (r"^knowedit train tiny data\.world\.entities=400 [^\n]*--out (runs/[\w.-]+)$",
+     r'mkdir -p "$(dirname \1)" && cp -r "$DOCS_TINY_MODEL" \1',
+     "docs/benchmarks.md's native model for bench/retrofit.py: the session's tiny model, on "
+     "the tiny world the rewritten bench/retrofit.py command uses"),
     (r"^[^\n]*\btrainer\.devices=8\b[^\n]*$", ": not run: needs 8 GPUs a node, and two nodes for num_nodes=2",
      "docs/distributed.md's multi-GPU and multi-node commands: this machine has no GPU (the "
      "page's CPU commands run the same code on gloo processes)"),
-    (r"bench/distributed\.py(?: --json-out \S+)?", "bench/distributed.py --n-keys 64 --steps 1 --warmup 0",
+    (r"bench/distributed\.py --parity --worlds 2 4", "bench/distributed.py --parity --worlds 2 --set max_steps=4",
+     "bench/distributed.py --parity: two batches on 1 and 2 processes, not twenty on 1, 2 and 4"),
+    (r"bench/distributed\.py(?! --parity)(?: --json-out \S+)?", "bench/distributed.py --n-keys 64 --steps 1 --warmup 0",
      "bench/distributed.py: 2^20 slots in 7 processes take minutes; 2^12 slots, one timed step"),
     # The HTTP server: in the background on a free port, curl failing on HTTP errors.
     (r"^knowedit serve (.*)$", r"knowedit serve \1 --port $DOCS_PORT & wait_for_server",
