@@ -23,6 +23,7 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -210,6 +211,8 @@ def train_memory(model_dir: str | Path, data: str | Path, cfg: MemoryTrainConfig
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MemoryTrainError(f"cannot train with these settings: {first}") from None
     out.mkdir(parents=True, exist_ok=True)
+    # The base stays in eval mode on purpose (no dropout): Lightning's notice about it is noise.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     module = _module_class(MemoryLMModule)(cfg, model, eval_sample, codec)  # type: ignore[arg-type]
     model.train()
     trainer.fit(module, train_dataloaders=loader, ckpt_path=str(out / RESUME_FILE) if resume else None, weights_only=True)
