@@ -48,12 +48,12 @@ _LAZY = {
     "build_model": "knowedit.model",
 }
 
-__all__ = sorted([*_LAZY, "evaluate"])
+__all__ = sorted([*_LAZY, "evaluate", "retrofit"])
 
 
 def __getattr__(name: str) -> Any:
-    if name == "evaluate":
-        return importlib.import_module("knowedit.evaluate")
+    if name in ("evaluate", "retrofit"):  # modules; knowedit.retrofit(...) also calls retrofit.retrofit
+        return importlib.import_module(f"knowedit.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'knowedit' has no attribute {name!r}")
