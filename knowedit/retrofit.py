@@ -34,7 +34,9 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
+import types
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -795,3 +797,13 @@ def load_retrofit(p: Path, config_text: str, device: str | torch.device = "cpu")
     model.tokenizer_json = (p / TOKENIZER_FILE).read_bytes()
     model.to(device).eval()
     return Checkpoint(model, codec, cfg, p, fingerprint)
+
+
+class _CallableModule(types.ModuleType):
+    """``knowedit.retrofit(...)`` calls :func:`retrofit` (the module stays importable as usual)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict:
+        return retrofit(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

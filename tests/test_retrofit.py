@@ -255,7 +255,9 @@ def test_memory_outside_last_block(pretrained: Path, world: dict, tmp_path: Path
 def test_mismatched_base_is_refused(hf_dirs: dict[str, Path], tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    retrofit(hf_dirs["llama"], tmp_path / "a", slots=256, overrides=MEMORY)
+    import knowedit
+
+    knowedit.retrofit(hf_dirs["llama"], tmp_path / "a", slots=256, overrides=MEMORY)  # the package-level call
     before = sorted(p.name for p in (tmp_path / "a").iterdir())
     tensors = load_file(tmp_path / "a" / "model.safetensors")
     name = next(k for k in tensors if k.startswith("hf.model.layers.0.mlp"))
