@@ -347,3 +347,13 @@ def test_no_network_and_no_cache(hf_dirs: dict[str, Path], tmp_path: Path) -> No
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["layers"] == [1]
     assert not cache.exists() or not any(cache.rglob("*")), list(cache.rglob("*"))
+
+
+def test_without_transformers_the_error_names_the_extra(hf_dirs: dict[str, Path], tmp_path: Path) -> None:
+    code = "import sys\nsys.modules['transformers'] = None\nfrom knowedit.cli.app import main\nmain()\n"
+    r = subprocess.run([sys.executable, "-c", code, "retrofit", "--from", str(hf_dirs["gpt2"]), "--out", str(tmp_path / "rf")],
+                       capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1, r.stderr
+    assert "pip install 'knowedit[hf]'" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "rf").exists()
