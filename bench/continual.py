@@ -138,11 +138,14 @@ class Curves(L.Callback):
     def __init__(self, sets: dict[str, list[Example]], codec: TextCodec, every: int) -> None:
         self.sets, self.codec, self.every = sets, codec, every
         self.points: list[dict] = []
+        self.offset = 0
+        """Steps of the earlier phases (a run's steps count on across its phases)."""
+        self.phase = 0
 
     def measure(self, model: MemoryLM, step: int) -> None:
         was = model.training
         model.eval()
-        p: dict = {"step": step}
+        p: dict = {"step": self.offset + step, "phase": self.phase}
         for name in ("B", "B_held", "A"):
             if self.sets.get(name):
                 p[f"acc_{name}"] = sum(teacher_forced(model, self.codec, self.sets[name])["exact"]) / len(self.sets[name])
@@ -151,7 +154,8 @@ class Curves(L.Callback):
         model.train(was)
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.measure(module.model, 0)
+        if not self.points:  # a later phase starts where the last one's final point is
+            self.measure(module.model, 0)
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: object) -> None:
         step = trainer.global_step
@@ -159,19 +163,37 @@ class Curves(L.Callback):
             self.measure(module.model, step)
 
 
-def run_method(base: Path, work: Path, data: Path, cfg: LearnConfig, sets: dict, every: int) -> dict:
-    """One learning run on a fresh copy of the base; returns its curve and report."""
+def run_method(base: Path, work: Path, data: Path | list[Path], cfg: LearnConfig, sets: dict, every: int) -> dict:
+    """One learning run on a fresh copy of the base; returns its curve and report.
+
+    With a list of data files (phases), the method learns them one after another:
+    sparse commits one ``learn`` event per phase to the same model directory; a
+    dense method starts each phase from the checkpoint the last one wrote. The
+    curve's steps count on across phases, and its report is the last phase's
+    (with every phase's in ``phases``).
+    """
     if work.exists():
         shutil.rmtree(work)
     shutil.copytree(base, work / "model")
     codec = TextCodec.load(base / "tokenizer.json")
     curves = Curves(sets, codec, every)
-    out = None if cfg.method == "sparse" else work / "out"
+    files = data if isinstance(data, list) else [data]
+    model = work / "model"
+    reports = []
     t0 = time.monotonic()
-    report = learn(work / "model", data, cfg, out=out, progress=False, callbacks=[curves])
-    report["wall_s"] = round(time.monotonic() - t0, 1)
-    if curves.points[-1]["step"] != report["steps"]:
-        raise RuntimeError("the curve must end at the run's last step")
+    for i, part in enumerate(files):
+        curves.phase = i
+        out = None if cfg.method == "sparse" else work / f"out{i}"
+        report = learn(model, part, cfg, out=out, progress=False, callbacks=[curves])
+        curves.offset += report["steps"]
+        if curves.points[-1]["step"] != curves.offset:
+            raise RuntimeError("the curve must end at the phase's last step")
+        reports.append(report)
+        if out is not None:
+            model = out
+    report = {**reports[-1], "steps": curves.offset, "wall_s": round(time.monotonic() - t0, 1)}
+    if len(reports) > 1:
+        report["phases"] = reports
     shutil.rmtree(work)
     return {"label": label(cfg), "settings": {**asdict(cfg)}, "report": report, "curve": curves.points}
 
@@ -227,6 +249,10 @@ def plot(runs: list[dict], title: str, out_dir: Path) -> list[str]:
         steps = [p["step"] for p in r["curve"]]
         axes[0].plot(steps, [p["acc_B"] for p in r["curve"]], label=r["label"])
         axes[1].plot(steps, [p["acc_A"] for p in r["curve"]], label=r["label"])
+    ends = sorted({a["step"] for r in runs for a, b in zip(r["curve"], r["curve"][1:]) if b.get("phase") != a.get("phase")})
+    for ax in axes:
+        for x in ends:  # phase boundaries
+            ax.axvline(x, color="grey", lw=0.6, ls=":")
     axes[0].set_title(f"{title}: acquisition (B)")
     axes[1].set_title(f"{title}: retention (A)")
     for ax in axes:
@@ -255,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--every", type=int, default=20, help="evaluate every N steps")
+    ap.add_argument("--phases", type=int, default=1,
+                    help="stream B in this many parts, learnt one after another (each --epochs)")
     ap.add_argument("--set", nargs="*", default=[], help="more LearnConfig KEY=VALUE for every run")
     ap.add_argument("--train-set", nargs="*", default=["model.memory.n_keys=256"],
                     help="overrides for pretraining on A (default: 65,536 slots per memory pool)")
@@ -271,8 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     train_report = pretrain(parts, args.world, base, args.threads, args.train_set)
     print(f"base: trained on A ({len(parts['A'])} sentences): {train_report['train_greedy_accuracy']:.3f} "
           f"in {train_report['train_seconds']} s", flush=True)
-    data = out_dir / "B.jsonl"
+    data: Path | list[Path] = out_dir / "B.jsonl"
     write_jsonl(data, [asdict(e) for e in parts["B"]])
+    if args.phases > 1:  # contiguous parts: a fact's phrasings stay together (B lists them by fact)
+        b = parts["B"]
+        cuts = [round(i * len(b) / args.phases) for i in range(args.phases + 1)]
+        data = [out_dir / f"B{i + 1}.jsonl" for i in range(args.phases)]
+        for i, f in enumerate(data):
+            write_jsonl(f, [asdict(e) for e in b[cuts[i] : cuts[i + 1]]])
     sets = {k: (v if len(v) <= EVAL_CAP else random.Random(args.seed).sample(v, EVAL_CAP)) for k, v in parts.items()}
     from knowedit.config import load_learn_config
 
