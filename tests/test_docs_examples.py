@@ -136,6 +136,8 @@ SUBSTITUTIONS: list[tuple[str, str, str]] = [
      "per pool go with it)"),
     (r"(bench/continual\.py (?![^\n]*--set )[^\n]*)$", r"\1 --set max_steps=2",
      "bench/continual.py: two learning steps per method (its curves then have two points)"),
+    (r"--set guard_docs=", "--set max_steps=2 guard_docs=",
+     "bench/continual.py with guard documents (its other --set runs): two learning steps per method"),
     (r"--train-set model\.memory\.n_keys=\d+", "--train-set max_epochs=1",
      "bench/continual.py pretrains on A for minutes: one epoch at the recipe's slots"),
     (r"^knowedit [^\n]*(?:~/models/Qwen2\.5-0\.5B|runs/qwen-mem)[^\n]*$",
