@@ -203,16 +203,25 @@ class MemoryLM(nn.Module):
         gate = F.silu(mem.gate(h)).float() if mem.gate is not None else None
         return ids.flatten(-2), w.flatten(-2).float(), gate
 
-    def final_readout(self, x_mid: torch.Tensor, read: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    def final_residual(self, x_mid: torch.Tensor) -> torch.Tensor:
+        """The part of the last block's output (R, C) at residuals ``x_mid`` (R, C) that
+        the last memory layer's value rows do not change: here ``x_mid`` itself (a
+        retrofitted model adds its block's MLP). An editor computes it once."""
+        return x_mid
+
+    def final_readout(
+        self, x_mid: torch.Tensor, read: torch.Tensor, gate: torch.Tensor | None, resid: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Final normed hidden states (R, C) from the residuals ``x_mid`` (R, C) and the
         last memory layer's weighted value read ``read`` (R, d_v) (its
-        :meth:`final_select` gate applied here); :attr:`head` makes them logits."""
+        :meth:`final_select` gate applied here); :attr:`head` makes them logits.
+        ``resid``: :meth:`final_residual` of ``x_mid``, if already computed."""
         mem = self.blocks[-1].ffn
         assert isinstance(mem, ProductKeyMemory)
         y = read if gate is None else read * gate
         if mem.out is not None:
             y = mem.out(y)
-        return self.norm(x_mid + y)
+        return self.norm((self.final_residual(x_mid) if resid is None else resid) + y)
 
     def logits_from_final_ffn(
         self, x_mid: torch.Tensor, patches: dict[str, RowPatch] | None = None

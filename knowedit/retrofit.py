@@ -367,41 +367,11 @@ class RetrofitLM(nn.Module):
         finally:
             self._bypass = False
 
-    _MLP_CACHE_ROWS = 1 << 18
-
-    def _residual_mlp(self, x_mid: torch.Tensor) -> torch.Tensor:
-        """``x_mid + mlp(norm2(x_mid))`` for (R, C) residuals, memoised by row content.
-
-        The editor's last-layer path calls :meth:`final_readout` hundreds of times per
-        edit on the same residual rows (all, a slice, or an index copy of them), and
-        the last block's MLP, frozen while editing, would dominate its time. Rows are
-        looked up by a random projection and then compared exactly, so a hit is always
-        the same rows' value; a miss computes and remembers them. The result carries no
-        gradient to the base weights (the editor changes value rows only).
-        """
-        norm2, mlp = self._last()
-        if x_mid.requires_grad or x_mid.dim() != 2:
-            return x_mid + self._mlp(norm2(x_mid))
-        version = tuple(p._version for p in (*norm2.parameters(), *mlp.parameters()))
-        c = getattr(self, "_mlp_memo", None)
-        if c is not None and (c["version"] != version or c["x"].dtype != x_mid.dtype or c["x"].device != x_mid.device):
-            c = None
-        probe = torch.randn(x_mid.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(x_mid.device)
-        key = x_mid.detach().double() @ probe  # (R,)
-        if c is not None and c["x"].shape[0]:
-            pos = torch.searchsorted(c["key"], key).clamp_(max=c["key"].numel() - 1)
-            rows = c["order"][pos]
-            if torch.equal(c["x"][rows], x_mid):
-                return c["y"][rows]
-        with torch.no_grad():
-            y = x_mid + self._mlp(norm2(x_mid))
-        if c is None or c["x"].shape[0] + x_mid.shape[0] > self._MLP_CACHE_ROWS:
-            xs, ys, keys = x_mid.detach().clone(), y, key
-        else:
-            xs, ys, keys = torch.cat([c["x"], x_mid.detach()]), torch.cat([c["y"], y]), torch.cat([c["key_raw"], key])
-        srt, order = keys.sort()
-        self._mlp_memo = {"version": version, "x": xs, "y": ys, "key_raw": keys, "key": srt, "order": order}
-        return y
+    def final_residual(self, x_mid: torch.Tensor) -> torch.Tensor:
+        """See :meth:`knowedit.model.MemoryLM.final_residual`: ``x_mid`` plus the last
+        block's MLP (frozen while editing), which the memory sits beside."""
+        norm2, _ = self._last()
+        return x_mid + self._mlp(norm2(x_mid))
 
     def final_select(self, x_mid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """See :meth:`knowedit.model.MemoryLM.final_select`."""
@@ -414,13 +384,15 @@ class RetrofitLM(nn.Module):
         gate = F.silu(mem.gate(h)).float() if mem.gate is not None else None
         return ids.flatten(-2), w.flatten(-2).float(), gate
 
-    def final_readout(self, x_mid: torch.Tensor, read: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        """See :meth:`knowedit.model.MemoryLM.final_readout`; the block's MLP is added too."""
+    def final_readout(
+        self, x_mid: torch.Tensor, read: torch.Tensor, gate: torch.Tensor | None, resid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """See :meth:`knowedit.model.MemoryLM.final_readout`; the block's MLP is in ``resid``."""
         mem = self.final_memory()
         assert mem is not None and mem.out is not None
         y = read if gate is None else read * gate
         y = mem.out(y.to(x_mid.dtype))
-        return self.norm(self._residual_mlp(x_mid) + y)
+        return self.norm((self.final_residual(x_mid) if resid is None else resid) + y)
 
     def logits_from_final_ffn(self, x_mid: torch.Tensor, patches: dict[str, RowPatch] | None = None) -> torch.Tensor:
         """(..., C) residual after the last attention -> (..., V) logits (position-wise)."""

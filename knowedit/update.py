@@ -191,6 +191,7 @@ class _FinalLayer:
         with torch.no_grad():
             ids, w, gate = selection if selection is not None else final_selection(model, x_mid)
             self.gate = gate
+            self.resid = model.final_residual(x_mid)  # what the rows do not change: computed once
             self.read = lookup(mem.pool.values, ids, w.to(mem.pool.values.dtype), mem.cfg.backend).float()
             pos = torch.searchsorted(slots, ids).clamp_(max=slots.numel() - 1)
             hit = slots[pos] == ids
@@ -202,7 +203,7 @@ class _FinalLayer:
         default all) for a row change ``delta`` (t, d_v)."""
         sel = slice(None) if rows is None else rows
         read = self.read[sel] + self.A[sel] @ delta
-        return self.model.final_readout(self.x[sel], read, None if self.gate is None else self.gate[sel])
+        return self.model.final_readout(self.x[sel], read, None if self.gate is None else self.gate[sel], self.resid[sel])
 
     def __call__(self, delta: torch.Tensor, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
         """Logits (R', V) at ``rows`` (default all) for a row change ``delta`` (t, d_v)."""
