@@ -101,26 +101,12 @@ def load_memory_train_config(path: str | Path | None = None, overrides: list[str
 
 
 def _module_class(base: type) -> type:
-    """:class:`MemoryLMModule` with its epoch-end accuracy (early stopping) and resume
-    checks stated here, so they hold whatever the base class defines."""
-    from knowedit.config import to_yaml
-    from knowedit.inference import teacher_forced
-    from knowedit.recipes.train import check_resumable
+    """:class:`MemoryLMModule` whose resume check fails as a :class:`MemoryTrainError`."""
 
     class RetrofitMemoryModule(base):  # type: ignore[misc, valid-type]
-        def on_train_epoch_end(self) -> None:
-            self.model.eval()
-            ex = self.eval_examples
-            self.train_accuracy = sum(teacher_forced(self.model, self.codec, ex)["exact"]) / max(1, len(ex))
-            self.model.train()
-            self.log("train_acc", self.train_accuracy, prog_bar=True)  # EarlyStopping reads it
-
-        def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-            checkpoint["knowedit_config"] = to_yaml(self.cfg)  # what --resume must match
-
         def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
             try:
-                check_resumable(checkpoint.get("knowedit_config"), self.cfg)  # type: ignore[arg-type]
+                super().on_load_checkpoint(checkpoint)
             except ValueError as err:
                 raise MemoryTrainError(str(err)) from None
 
