@@ -535,10 +535,12 @@ def _train(cfg: TrainConfig, progress: bool, t0: float, resume: bool) -> dict:
     # plain containers only), never by plain pickle.
     trainer.fit(module, datamodule=dm, ckpt_path=str(out / RESUME_FILE) if resume else None, weights_only=True)
     if world > 1:
-        model = _consolidate(cfg, module.model)
-        if model is None:  # ranks other than 0 write nothing
+        whole = _consolidate(cfg, module.model)
+        if whole is None:  # ranks other than 0 write nothing
             return {"name": cfg.name, "rank": trainer.global_rank, "world_size": world}
-    model = module.model.cpu().eval() if world == 1 else model
+        model = whole
+    else:
+        model = module.model.cpu().eval()
     train_seconds = time.monotonic() - t0
     save_checkpoint(out, model, dm.codec, cfg)
     write_jsonl(out / CORPUS_FILE, [asdict(e) for e in dm.train_ex])
