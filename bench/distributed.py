@@ -62,7 +62,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# spawned ranks import bench.distributed by name; appended so that the checkout's top-level
+# `kernels/` (knowedit.kernels) does not shadow the Hugging Face `kernels` package transformers imports
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 
 def _vm_kib(field: str) -> int:

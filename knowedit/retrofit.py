@@ -102,7 +102,39 @@ class RetrofitSettings:
     """Padding token; empty: the tokenizer config's ``pad_token``, else the eos token."""
 
 
+def _shadowing_kernels() -> Path | None:
+    """knowedit's own ``kernels/`` source folder, if that is what ``import kernels`` finds.
+
+    transformers (5.25 and later) imports the Hugging Face ``kernels`` package. knowedit's
+    Triton kernels live in a top-level ``kernels/`` folder of the source tree (installed as
+    ``knowedit.kernels``), so a Python started with the checkout on ``sys.path`` (``python -m``
+    or ``python -c`` run from its root) finds that folder first and transformers fails deep
+    inside its own imports.
+    """
+    import importlib.metadata
+    import importlib.util
+
+    from knowedit import kernels as own
+
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return None  # nothing to hide (transformers before 5.25 does not need it)
+    spec = importlib.util.find_spec("kernels")
+    if spec is None or spec.origin is None:
+        return None
+    origin = Path(spec.origin).resolve()
+    return origin.parent if origin == Path(own.__file__).resolve() else None
+
+
 def _need_transformers() -> Any:  # noqa: ANN401 - the module
+    shadow = _shadowing_kernels()
+    if shadow is not None:
+        raise RetrofitError(
+            f"{shadow} (knowedit's Triton kernels, source folder) is on sys.path as the top-level "
+            "package `kernels` and hides the Hugging Face `kernels` package that transformers imports; "
+            "run from outside the checkout, through the `knowedit` command, or with `python -P`"
+        )
     try:
         import transformers
     except ImportError:

@@ -237,7 +237,9 @@ def _bench():  # noqa: ANN202
     import sys
 
     if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))  # spawned ranks import bench.distributed by name
+        # spawned ranks import bench.distributed by name; appended, not prepended, so that the
+        # checkout's top-level `kernels/` never shadows an installed package of that name
+        sys.path.append(str(REPO))
     return importlib.import_module("bench.distributed")
 
 

@@ -92,7 +92,7 @@ SUBSTITUTIONS: list[tuple[str, str, str]] = [
         ": not run: a test-suite command",
         "tests run in the suite itself (CI runs README line 3): not twice from here",
     ),
-    (r"^python bench/kernels\.py --json-out.*$", ": not run: needs a GPU",
+    (r"^python bench/lookup_kernels\.py --json-out.*$", ": not run: needs a GPU",
      "the GPU benchmark times CUDA events; the next line of docs/kernels.md runs the same "
      "script's CPU smoke shapes"),
     # Trainings: the tiny recipe, or the counterfact recipe on a hand-made file.

@@ -343,7 +343,7 @@ def test_no_network_and_no_cache(hf_dirs: dict[str, Path], tmp_path: Path) -> No
             "except OSError:\n    pass\n"
             "from knowedit.cli.app import main\nmain()\n")
     r = subprocess.run([sys.executable, "-c", code, "retrofit", "--from", str(hf_dirs["llama"]), "--out", str(tmp_path / "rf"),
-                        "--slots", "256", *MEMORY, "--json"], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+                        "--slots", "256", *MEMORY, "--json"], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["layers"] == [1]
     assert not cache.exists() or not any(cache.rglob("*")), list(cache.rglob("*"))
@@ -352,8 +352,28 @@ def test_no_network_and_no_cache(hf_dirs: dict[str, Path], tmp_path: Path) -> No
 def test_without_transformers_the_error_names_the_extra(hf_dirs: dict[str, Path], tmp_path: Path) -> None:
     code = "import sys\nsys.modules['transformers'] = None\nfrom knowedit.cli.app import main\nmain()\n"
     r = subprocess.run([sys.executable, "-c", code, "retrofit", "--from", str(hf_dirs["gpt2"]), "--out", str(tmp_path / "rf")],
-                       capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 1, r.stderr
     assert "pip install 'knowedit[hf]'" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "rf").exists()
+
+
+def test_checkout_kernels_folder_shadowing_the_hub_package_is_named() -> None:
+    """From the checkout's root, `python -c` puts its top-level `kernels/` (knowedit.kernels' source)
+    on sys.path ahead of site-packages; the retrofit says so in one line instead of failing inside
+    transformers' imports. With `-P` (no script or working folder on sys.path) it imports."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the Hugging Face `kernels` package is not installed (transformers < 5.25)")
+    code = "from knowedit.retrofit import _need_transformers; _need_transformers(); print('ok')"
+    shadowed = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert shadowed.returncode != 0
+    assert "hides the Hugging Face `kernels` package" in shadowed.stderr
+    assert "python -P" in shadowed.stderr
+    clean = subprocess.run([sys.executable, "-P", "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert clean.returncode == 0, clean.stderr
+    assert clean.stdout.strip() == "ok"

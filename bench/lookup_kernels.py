@@ -3,12 +3,12 @@
 GPU run (bf16 values, T=16384 tokens, 4 heads x 32 slots = K=128 rows per token, D=1024,
 N in {2^16, 2^20, 2^22}; a few minutes at most on an H100)::
 
-    python bench/kernels.py --json-out runs/bench_kernels.json
+    python bench/lookup_kernels.py --json-out runs/bench_kernels.json
 
 CPU smoke run of the same logic on tiny shapes (torch reference, plus the Triton path
 through the interpreter when ``TRITON_INTERPRET=1``)::
 
-    TRITON_INTERPRET=1 python bench/kernels.py --smoke
+    TRITON_INTERPRET=1 python bench/lookup_kernels.py --smoke
 
 Methods timed per N (median of ``--reps`` after ``--warmup``; CUDA events on GPU):
 
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     else:
-        print("bench/kernels.py needs a CUDA GPU; use --smoke for a CPU run", file=sys.stderr)
+        print("bench/lookup_kernels.py needs a CUDA GPU; use --smoke for a CPU run", file=sys.stderr)
         return 2
 
     def log(msg: str) -> None:

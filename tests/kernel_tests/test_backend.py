@@ -197,7 +197,7 @@ def test_kernels_compile_for_sm90_without_gpu(tmp_path: Path) -> None:
 def test_bench_smoke(tmp_path: Path) -> None:
     json_out = tmp_path / "bench.json"
     env = {"TRITON_INTERPRET": "1"} if INTERPRET else {}
-    cmd = [sys.executable, str(REPO / "bench" / "kernels.py"), "--smoke", "--reps", "1"]
+    cmd = [sys.executable, str(REPO / "bench" / "lookup_kernels.py"), "--smoke", "--reps", "1"]
     cmd += ["--n-log2", "6", "--json-out", str(json_out)]
     proc = subprocess.run(
         cmd,
