@@ -77,7 +77,7 @@ SUBSTITUTIONS: list[tuple[str, str, str]] = [
         "checks the pins and extras against the installed environment)",
     ),
     (
-        r"^\.venv/bin/ruff check \. && TRITON_INTERPRET=1 \.venv/bin/python -m pytest -q$",
+        r"^\.venv/bin/ruff check \. && TRITON_INTERPRET=1 \.venv/bin/python -P -m pytest -q$",
         ": not run: the linter and the whole test suite",
         "README line 3 is what CI runs (.ci/run), this test included: running it here "
         "would recurse",
@@ -321,7 +321,7 @@ def test_readme_setup_lines() -> None:
     assert pin and torch.__version__.split("+")[0] == pin.group(1), (setup, torch.__version__)
     assert setup.endswith("knowedit demo"), setup
     assert check.startswith(setup.removesuffix(".venv/bin/knowedit demo")), (setup, check)
-    assert check.endswith(".venv/bin/python -m pytest -q") and "ruff check ." in check, check
+    assert check.endswith(".venv/bin/python -P -m pytest -q") and "ruff check ." in check, check
     pyproject = (REPO / "pyproject.toml").read_text()
     for extra in re.findall(r"'\.\[(\w+)\]'", setup + check):
         assert re.search(rf"^{extra} = \[", pyproject, re.MULTILINE), extra
