@@ -19,7 +19,8 @@ class EditOptions:
     """Value rows to update."""
     layers: str = "last"
     """Memory layers whose slots may change: ``last`` (the last block's memory layer;
-    fast, since everything before it is frozen) or ``all``."""
+    fast, since everything before it is frozen) or ``all``. On a model whose last block
+    has no memory layer, left unset it means ``all``."""
     widen: int = 1
     """Search ``widen x k`` slots per head when locating."""
     use_subject: bool = True

@@ -448,6 +448,11 @@ class Editor:
             raise EditError(str(err)) from None
         if opts.max_steps < 1:
             raise EditError(f"max_steps must be at least 1, got {opts.max_steps} (with no step nothing would change)")
+        if "layers" not in options and opts.layers == "last" and self.model.final_memory() is None:
+            # a model whose last block has no memory layer (a retrofit with --layers elsewhere):
+            # the default edits the layers it has, through the whole-model path; the record
+            # says layers='all'. Asking for layers='last' explicitly is still refused.
+            opts = replace(opts, layers="all")
         return opts
 
     def _check(self, req: EditRequest) -> None:

@@ -235,7 +235,9 @@ def test_sequential_edits_and_eval(trained: Path, world: dict, tmp_path: Path) -
 
 
 def test_memory_outside_last_block(pretrained: Path, world: dict, tmp_path: Path) -> None:
-    """Memory in block 0 only: the fast last-layer path is unavailable; layers='all' edits."""
+    """Memory in block 0 only: the fast last-layer path is unavailable; the default edits through
+    the whole-model path (recorded as layers='all'), `edit apply` and `edit revert` work unchanged,
+    and asking for layers='last' explicitly is refused."""
     from knowedit.editor import EditError, Editor
     from knowedit.recipes.retrofit import load_memory_train_config, train_memory
 
@@ -247,9 +249,24 @@ def test_memory_outside_last_block(pretrained: Path, world: dict, tmp_path: Path
     with Editor.open(tmp_path / "mem") as ed:
         assert ed.model.final_memory() is None
         with pytest.raises(EditError, match="layers='all'"):
-            ed.edit(req.prompt, req.target_new, subject=req.subject)
-        rec = ed.edit(req.prompt, req.target_new, subject=req.subject, layers="all", allow_failed=True)
+            ed.edit(req.prompt, req.target_new, subject=req.subject, layers="last")
+        rec = ed.edit(req.prompt, req.target_new, subject=req.subject, allow_failed=True)
         assert rec.metrics["slots_touched"] > 0 and rec.metrics["prob_after"] > rec.metrics["prob_before"]
+        ed.revert(rec.id)
+    runner = CliRunner()
+    before = (tmp_path / "mem" / "model.safetensors").read_bytes()
+    r = runner.invoke(app, ["edit", "apply", "-m", str(tmp_path / "mem"), "-p", req.prompt, "-t", req.target_new,
+                            "-s", req.subject, "--allow-failed", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    eid = out["applied"][0]["id"] if "applied" in out else out["id"]
+    r = runner.invoke(app, ["ledger", "show", eid, "-m", str(tmp_path / "mem"), "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["settings"]["layers"] == "all", r.output
+    r = runner.invoke(app, ["edit", "revert", eid, "-m", str(tmp_path / "mem")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["ledger", "verify", "-m", str(tmp_path / "mem")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "mem" / "model.safetensors").read_bytes() == before
 
 
 def test_mismatched_base_is_refused(hf_dirs: dict[str, Path], tmp_path: Path) -> None:
