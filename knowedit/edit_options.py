@@ -30,7 +30,13 @@ class EditOptions:
     (Lin et al. 2025) or only where they predict their ``answer``."""
     lr: float = 1.0
     """Adam step size for the rows."""
-    max_steps: int = 100
+    beta1: float = 0.5
+    """Adam's first-moment decay (momentum) for the rows, in [0, 1): lower overshoots
+    less where guards push back."""
+    prompt_weight: float = 10.0
+    """Weight of the requested prompt's answer tokens in the loss, relative to a
+    co-phrasing's (final-layer edits)."""
+    max_steps: int = 300
     min_prob: float = 0.6
     """Stop once every target token is the argmax with at least this probability..."""
     kl_tol: float = 0.01
@@ -87,6 +93,8 @@ class EditOptions:
             (opts.max_steps >= 0, "max_steps must be >= 0"),
             (opts.cophrase_steps >= 0, "cophrase_steps must be >= 0"),
             (math.isfinite(opts.lr) and opts.lr > 0, "lr must be a positive number"),
+            (0 <= opts.beta1 < 1, "beta1 must be in [0, 1)"),
+            (math.isfinite(opts.prompt_weight) and opts.prompt_weight > 0, "prompt_weight must be a positive number"),
             (0 < opts.min_prob <= 1, "min_prob must be in (0, 1]"),
             (math.isfinite(opts.kl_tol) and opts.kl_tol >= 0, "kl_tol must be >= 0"),
             (math.isfinite(opts.locality_weight) and opts.locality_weight >= 0, "locality_weight must be >= 0"),

@@ -114,7 +114,7 @@ def optimise_rows(
         base = run(None)
         base_logp = base[~is_edit].float().log_softmax(-1)
     _, _, prob_before = _target_stats(base[is_edit], tgt[is_edit])
-    opt = torch.optim.Adam(list(rows.values()), lr=opts.lr)
+    opt = torch.optim.Adam(list(rows.values()), lr=opts.lr, betas=(opts.beta1, 0.999))
     model.requires_grad_(False)
     steps, success, kl_val = 0, False, 0.0
     try:
@@ -414,6 +414,9 @@ def final_layer_rows(
         return sum(_target_stats(logits[owner == i], tgt[owner == i])[2] for i in range(n_primary)) / n_primary
 
     prob_before = prob(base_logits)
+    # The requested prompts' answer tokens count ``prompt_weight`` times a co-phrasing's:
+    # co-phrasings are many and pass first, and an unweighted mean then barely pushes the prompt.
+    weight = torch.where(owner < n_primary, opts.prompt_weight, 1.0).to(torch.float32)
 
     # Active set: only guards that lost margin enter the loss; all of them are
     # re-checked (forward only) every few steps and whenever the edit looks done;
@@ -422,7 +425,7 @@ def final_layer_rows(
     steps, flips, done = 0, 0, False
     logits = base_logits
     if basis.shape[1] > 0:
-        opt = torch.optim.Adam([z], lr=opts.lr)
+        opt = torch.optim.Adam([z], lr=opts.lr, betas=(opts.beta1, 0.999))
         model.requires_grad_(False)
         try:
             for steps in range(opts.max_steps + 1):
@@ -447,7 +450,7 @@ def final_layer_rows(
                     active |= ~(g_m >= g_keep)  # guards that lost margin join the loss
                 elif (done and not G) or last:
                     break
-                loss = F.cross_entropy(logits, tgt)
+                loss = (F.cross_entropy(logits, tgt, reduction="none") * weight).sum() / weight.sum()
                 if opts.locality_weight > 0 and active.any():
                     a_idx = torch.nonzero(active).flatten()
                     g_now = check.margins(delta, a_idx)

@@ -31,12 +31,6 @@ def _state(ed: Editor) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="known regression, not fixed: with today's dependency versions the tiny model's 50 edits give "
-    "greedy reliability 0.94 (47/50; 14 edits end below min_prob after 100 steps, 4 even after 300), also at "
-    "commit 95e56b5 where this test last passed in CI; the 0.99 bar stays (editing at scale issue)",
-    strict=False,
-)
 def test_fifty_sequential_edits_are_reliable_and_local(model_dir: Path) -> None:
     ed = Editor.open(model_dir)
     reqs = load_records(model_dir / "edits.jsonl")[:N_EDITS]
