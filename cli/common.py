@@ -27,12 +27,13 @@ LedgerOpt = Annotated[
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that are the user's input, shown as one message and exit 1.
 
-    :class:`~knowedit.errors.KnoweditError` is knowedit's own; ``ValueError``,
-    ``OSError`` and ``KeyError`` still count while every raise site is moved to it.
+    Only :class:`~knowedit.errors.KnoweditError`: every problem with the user's
+    input or environment is raised as one (converted where the input is read).
+    Anything else is a bug and shows its traceback.
     """
     from knowedit.errors import KnoweditError
 
-    return (KnoweditError, ValueError, OSError, KeyError)
+    return (KnoweditError,)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -49,7 +50,8 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def friendly(fn: F) -> F:
-    """Turn user errors into a clear message and a non-zero exit, never a traceback."""
+    """Turn user errors (:func:`user_errors`) into a clear message and a non-zero exit;
+    any other exception is a bug and propagates with its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -61,10 +63,7 @@ def friendly(fn: F) -> F:
             raise fail("interrupted", 130) from None
         except Exception as err:  # noqa: BLE001 - filtered just below
             if isinstance(err, user_errors()):
-                msg = str(err) or type(err).__name__
-                if isinstance(err, KeyError):
-                    msg = f"not found: {msg}"
-                raise fail(msg) from None
+                raise fail(str(err) or type(err).__name__) from None
             raise
 
     return wrapper  # type: ignore[return-value]

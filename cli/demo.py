@@ -32,6 +32,7 @@ def demo(
     from knowedit.config import load_train_config
     from knowedit.data import load_records, read_examples
     from knowedit.editor import EditFailed, Editor
+    from knowedit.errors import FileAccessError, file_problem
     from knowedit.inference import greedy_exact
     from knowedit.recipes.train import EDITS_FILE, HELDOUT_FILE, REPORT_FILE, train
 
@@ -40,7 +41,10 @@ def demo(
     result: dict = {}
     if fresh or not (out / MODEL_FILE).is_file():
         if out.exists():
-            shutil.rmtree(out)
+            try:
+                shutil.rmtree(out)
+            except OSError as err:
+                raise file_problem(out, err, "write") from None
         cfg = load_train_config(str(config_path(recipe)), [])
         cfg.out = str(out)
         say(Panel(f"1. Training the [bold]{cfg.name}[/] memory LM on a synthetic world of "
@@ -49,7 +53,10 @@ def demo(
     else:
         import json
 
-        report = json.loads((out / REPORT_FILE).read_text())
+        try:
+            report = json.loads((out / REPORT_FILE).read_text())
+        except (OSError, ValueError) as err:
+            raise FileAccessError(f"{out} holds no readable {REPORT_FILE} ({getattr(err, 'strerror', None) or err}); rerun with --fresh") from None
         say(Panel(f"1. Reusing the trained model in {out}", style="cyan"))
     result["train"] = report
     say(f"   trained in {report['train_seconds']:.0f} s: greedy accuracy {report['train_greedy_accuracy']:.1%} "

@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from knowedit.cli.common import JsonOpt, ModelOpt, console, emit_json, friendly
+from knowedit.errors import OptionError, file_problem
 
 
 def _fmt(x: float | None) -> str:
@@ -24,7 +25,7 @@ def _parse_options(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"option {item!r} is not KEY=VALUE")
+            raise OptionError(f"option {item!r} is not KEY=VALUE")
         try:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
@@ -100,25 +101,25 @@ def eval_cmd(
     from knowedit.evaluate import evaluate, new_plot_path, plot_run
 
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        raise OptionError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if n is not None and n < 1:
-        raise ValueError(f"--n must be at least 1, got {n}")
+        raise OptionError(f"--n must be at least 1, got {n}")
     import torch
 
     if threads < 0:
-        raise ValueError(f"--threads must be >= 0 (0: torch's default), got {threads}")
+        raise OptionError(f"--threads must be >= 0 (0: torch's default), got {threads}")
     if seed < 0:
-        raise ValueError(f"--seed must be >= 0, got {seed}")
+        raise OptionError(f"--seed must be >= 0, got {seed}")
     if batch < 1:
-        raise ValueError(f"--batch must be at least 1, got {batch}")
+        raise OptionError(f"--batch must be at least 1, got {batch}")
     if batch > 1 and method != "sparse":
-        raise ValueError(f"--batch goes with --method sparse (the {method} baseline edits one fact at a time)")
+        raise OptionError(f"--batch goes with --method sparse (the {method} baseline edits one fact at a time)")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     options = _parse_options(option or [])
     reqs = load_records(edits)
     if not reqs:
-        raise ValueError(f"{edits} holds no records")
+        raise OptionError(f"{edits} holds no records")
     total = min(n, len(reqs)) if n is not None else len(reqs)
     prior_threads = torch.get_num_threads()
     try:
@@ -141,8 +142,11 @@ def eval_cmd(
     res["threads"] = used_threads
     res["seed"] = seed
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=2))
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(res, indent=2))
+        except OSError as err:
+            raise file_problem(f"--out {out}", err, "write") from None
     if plot is not None:
         res["plot"] = str(plot_run(res, new_plot_path(plot, method, res["T"])))
     if json_out:

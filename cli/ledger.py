@@ -134,7 +134,14 @@ def export(
     if out is None:
         led.export_jsonl(sys.stdout)
     else:
-        with open(out, "w", encoding="utf-8") as f:
+        from knowedit.errors import file_problem
+
+        try:
+            f = open(out, "w", encoding="utf-8")  # noqa: SIM115 - closed just below
+        except OSError as err:
+            led.close()
+            raise file_problem(f"--out {out}", err, "write") from None
+        with f:
             n = led.export_jsonl(f)
         console.print(f"wrote {n} event(s) to {out}")
     led.close()

@@ -138,17 +138,21 @@ def stats(
 
 def _read_corpus(path: Path) -> list:
     """JSONL of ``{prompt, answer}`` documents, or EasyEdit records (their true facts)."""
-    import json
-
     from knowedit.data import load_records, read_examples, true_fact_examples
+    from knowedit.data.records import RecordError
 
-    with open(path, encoding="utf-8") as f:
-        first = f.readline().strip()
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline().strip()
+    except OSError as err:
+        raise fail(f"cannot read {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise fail(f"{path} is not UTF-8 text") from None
     if first.startswith("{") and '"answer"' in first:
         try:
             return read_examples(path)
-        except (json.JSONDecodeError, TypeError) as err:
-            raise fail(f"{path}: not a JSONL file of {{prompt, answer}} objects ({err})") from None
+        except RecordError as err:
+            raise fail(f"not a JSONL file of {{prompt, answer}} objects: {err}") from None
     return true_fact_examples(load_records(path))
 
 

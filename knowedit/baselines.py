@@ -40,6 +40,7 @@ from knowedit.checkpoint import (
     load_checkpoint,
 )
 from knowedit.data.records import EditRequest, Example
+from knowedit.errors import OptionError
 from knowedit.inference import encode_examples
 from knowedit.memory import ProductKeyMemory
 from knowedit.model import FeedForward, MemoryLM
@@ -115,9 +116,12 @@ class SparseEdit(BaseMethod):
 
         src = check_checkpoint_dir(model_dir)
         self.options = dict(options or {})
-        opts = EditOptions.from_mapping(self.options)  # ValueError naming a bad option
+        try:
+            opts = EditOptions.from_mapping(self.options)
+        except ValueError as err:  # names the bad option
+            raise OptionError(str(err)) from None
         if opts.max_steps < 1:
-            raise ValueError(f"max_steps must be at least 1 for the sparse editor, got {opts.max_steps}")
+            raise OptionError(f"max_steps must be at least 1 for the sparse editor, got {opts.max_steps}")
         self._tmp = Path(tempfile.mkdtemp(prefix="knowedit-eval-"))
         try:
             copy = self._tmp / "model"
@@ -276,12 +280,12 @@ class _Dense(BaseMethod):
         allowed = known if self.name == "lora" else known - set(self.lora_only)
         bad = sorted(set(options or {}) - allowed)
         if bad:
-            raise ValueError(f"unknown option(s) {bad} for method {self.name!r}; known: {sorted(allowed)}")
+            raise OptionError(f"unknown option(s) {bad} for method {self.name!r}; known: {sorted(allowed)}")
         for key, value in (options or {}).items():
             kind = type(getattr(BaselineOptions, key))
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not (number and (kind is float or isinstance(value, int))):
-                raise ValueError(f"option {key} must be {kind.__name__}, not {value!r}")
+                raise OptionError(f"option {key} must be {kind.__name__}, not {value!r}")
         self.opts = BaselineOptions(**dict(options or {}))  # type: ignore[arg-type]
         if not self.opts.lr:
             self.opts.lr = DEFAULT_LR[self.name]
@@ -293,7 +297,7 @@ class _Dense(BaseMethod):
             (o.rank >= 1 and math.isfinite(o.alpha), "rank must be >= 1 and alpha finite"),
         ]:
             if not good:
-                raise ValueError(message)
+                raise OptionError(message)
         ck = load_checkpoint(check_checkpoint_dir(model_dir), device=device)
         self.model, self.codec = ck.model, ck.codec
         self.model.eval()
@@ -430,10 +434,10 @@ def open_method(
         device: where the model runs.
 
     Raises:
-        ValueError: an unknown method or option, or a directory that is not a checkpoint.
+        OptionError, CheckpointError: an unknown method or option, or a directory that is not a checkpoint.
     """
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+        raise OptionError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     return METHODS[name](model_dir, options, device)
 
 

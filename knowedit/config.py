@@ -14,6 +14,13 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from knowedit.errors import KnoweditError
+
+
+class ConfigError(KnoweditError, ValueError):
+    """A recipe, a ``KEY=VALUE`` override or a saved config that cannot be used;
+    the message names the file, the override or the key."""
+
 
 @dataclass
 class MemoryConfig:
@@ -152,7 +159,7 @@ def fold_trainer_aliases(cfg: TrainConfig) -> TrainConfig:
     """Move ``cfg.trainer``'s :data:`TRAINER_ALIASES` to the top-level keys, in place.
 
     Raises:
-        ValueError: a value of the wrong type, naming the ``trainer.`` key.
+        ConfigError: a value of the wrong type, naming the ``trainer.`` key.
     """
     for key in TRAINER_ALIASES:
         if key in cfg.trainer:
@@ -265,7 +272,7 @@ def model_preset(name: str) -> ModelConfig:
     try:
         return MODEL_PRESETS[name]()
     except KeyError:
-        raise ValueError(f"unknown model preset {name!r}; choose from {sorted(MODEL_PRESETS)}") from None
+        raise ConfigError(f"unknown model preset {name!r}; choose from {sorted(MODEL_PRESETS)}") from None
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -278,7 +285,7 @@ def load_learn_config(path: str | Path | None = None, overrides: list[str] | Non
     """A :class:`LearnConfig` from defaults, a YAML file and overrides, with its values checked.
 
     Raises:
-        ValueError: as :func:`load_config`, or a value out of range (named).
+        ConfigError: as :func:`load_config`, or a value out of range (named).
     """
     cfg: LearnConfig = load_config(LearnConfig, path, overrides)  # type: ignore[assignment]
     checks = [
@@ -299,7 +306,7 @@ def load_learn_config(path: str | Path | None = None, overrides: list[str] | Non
     ]
     for ok, message in checks:
         if not ok:
-            raise ValueError(message)
+            raise ConfigError(message)
     return cfg
 
 
@@ -321,7 +328,7 @@ def load_config(schema: type, path: str | Path | None = None, overrides: list[st
         The resolved ``schema`` instance (a TrainConfig's ``out`` may still be missing).
 
     Raises:
-        ValueError: for a recipe that is missing, unreadable, not YAML or not a
+        ConfigError: for a recipe that is missing, unreadable, not YAML or not a
             mapping; an override that is not ``KEY=VALUE`` or whose value is not
             YAML; an unknown key or a value of the wrong type. The message names
             the file, the override or the key.
@@ -333,18 +340,18 @@ def load_config(schema: type, path: str | Path | None = None, overrides: list[st
         merged = _merge(merged, _load_recipe(Path(path)), f"config file {str(path)!r}")
     for item in overrides or []:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not KEY=VALUE")
+            raise ConfigError(f"override {item!r} is not KEY=VALUE")
         try:
             node = OmegaConf.from_dotlist([item])
         except yaml.YAMLError as err:
-            raise ValueError(f"override {item!r}: value is not valid YAML ({_yaml_problem(err)})") from None
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({_yaml_problem(err)})") from None
         except OmegaConfBaseException as err:
-            raise ValueError(f"override {item!r}: {str(err).splitlines()[0]}") from None
+            raise ConfigError(f"override {item!r}: {str(err).splitlines()[0]}") from None
         merged = _merge(merged, node, f"override {item!r}")
     try:
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
-        raise ValueError(_omegaconf_message(err)) from None
+        raise ConfigError(_omegaconf_message(err)) from None
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
@@ -365,37 +372,37 @@ def _omegaconf_message(err: Exception) -> str:
 
 
 def _merge(base: DictConfig, node: object, where: str) -> DictConfig:
-    """``OmegaConf.merge`` with its errors turned into ValueError naming the key."""
+    """``OmegaConf.merge`` with its errors turned into a ConfigError naming the key."""
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         return OmegaConf.merge(base, node)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
-        raise ValueError(f"{where}: {_omegaconf_message(err)}") from None
+        raise ConfigError(f"{where}: {_omegaconf_message(err)}") from None
 
 
 def _load_recipe(path: Path) -> DictConfig:
-    """Read a YAML recipe; every failure is a ValueError naming the file."""
+    """Read a YAML recipe; every failure is a ConfigError naming the file."""
     from omegaconf.errors import OmegaConfBaseException
 
     if not path.is_file():
         what = "is not a file" if path.exists() else "does not exist"
-        raise ValueError(f"config file {str(path)!r} {what}")
+        raise ConfigError(f"config file {str(path)!r} {what}")
     try:
         node = OmegaConf.load(path)
     except yaml.YAMLError as err:
-        raise ValueError(f"config file {str(path)!r} is not valid YAML ({_yaml_problem(err)})") from None
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML ({_yaml_problem(err)})") from None
     except UnicodeDecodeError:
-        raise ValueError(f"config file {str(path)!r} is not UTF-8 text") from None
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from None
     except OSError as err:
         if err.errno is None:  # OmegaConf's "Invalid loaded object type" for a bare scalar
-            raise ValueError(f"config file {str(path)!r} must be a mapping of config keys ({err})") from None
-        raise ValueError(f"config file {str(path)!r} cannot be read: {err.strerror or err}") from None
+            raise ConfigError(f"config file {str(path)!r} must be a mapping of config keys ({err})") from None
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {err.strerror or err}") from None
     except OmegaConfBaseException as err:
-        raise ValueError(f"config file {str(path)!r}: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"config file {str(path)!r}: {str(err).splitlines()[0]}") from None
     if not isinstance(node, DictConfig):
         kind = "a list" if isinstance(node, ListConfig) else type(node).__name__
-        raise ValueError(f"config file {str(path)!r} must be a mapping of config keys, not {kind}")
+        raise ConfigError(f"config file {str(path)!r} must be a mapping of config keys, not {kind}")
     return node
 
 
@@ -415,27 +422,27 @@ def model_config_from_yaml(text: str) -> ModelConfig:
     been refused, naming its key and never showing what it would resolve to.
 
     Raises:
-        ValueError: for empty text, a top level that is not a mapping, or an
+        ConfigError: for empty text, a top level that is not a mapping, or an
             interpolation (YAML and OmegaConf errors for malformed text or bad
             keys propagate as they are).
     """
     data = yaml.safe_load(text)
     if data is None:
-        raise ValueError("it is empty (no config keys)")
+        raise ConfigError("it is empty (no config keys)")
     if not isinstance(data, dict):
-        raise ValueError("the top level must be a mapping of config keys")
+        raise ConfigError("the top level must be a mapping of config keys")
     if not data:
-        raise ValueError("it is empty (no config keys)")
+        raise ConfigError("it is empty (no config keys)")
     where = "model" if "model" in data else ""
     node = data["model"] if where else data
     _refuse_interpolations(node, where)
     if not isinstance(node, dict):
-        raise ValueError("key 'model' must be a mapping of model config keys")
+        raise ConfigError("key 'model' must be a mapping of model config keys")
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.create(node)))  # type: ignore[return-value]
 
 
 def _refuse_interpolations(node: object, key: str, seen: set[int] | None = None) -> None:
-    """Raise ValueError naming the first key whose string value holds ``${``, or
+    """Raise ConfigError naming the first key whose string value holds ``${``, or
     that repeats an earlier mapping or list (a YAML alias).
 
     A saved config has neither. Aliases are refused because copying them into
@@ -444,7 +451,7 @@ def _refuse_interpolations(node: object, key: str, seen: set[int] | None = None)
     seen = set() if seen is None else seen
     if isinstance(node, (dict, list)):
         if id(node) in seen:
-            raise ValueError(
+            raise ConfigError(
                 f"key {key or '(top level)'!r} repeats an earlier part of the file (a YAML alias); "
                 "a checkpoint's config must hold plain values"
             )
@@ -456,7 +463,7 @@ def _refuse_interpolations(node: object, key: str, seen: set[int] | None = None)
         for i, v in enumerate(node):
             _refuse_interpolations(v, f"{key}[{i}]", seen)
     elif isinstance(node, str) and "${" in node:
-        raise ValueError(
+        raise ConfigError(
             f"key {key or '(top level)'!r} holds an interpolation ('${{...}}'); a checkpoint's "
             "config must hold plain values and is never resolved"
         )

@@ -23,7 +23,7 @@ import torch
 
 from knowedit.checkpoint import LEDGER_FILE, Checkpoint, load_checkpoint, save_checkpoint
 from knowedit.data.records import EditRequest, Example, requests_from
-from knowedit.errors import KnoweditError
+from knowedit.errors import FileAccessError, KnoweditError
 from knowedit.events import event_requests
 from knowedit.guards import GuardBuilder
 from knowedit.inference import PromptError, encode_pair, greedy, teacher_forced
@@ -1028,7 +1028,7 @@ class Editor:
 
         Raises:
             EditError: ``out_dir`` is the source, or exists and is not an empty directory.
-            OSError: the directory cannot be written (nothing is left behind).
+            FileAccessError: the directory cannot be written (nothing is left behind); an OSError.
         """
         import json
         import shutil
@@ -1045,8 +1045,13 @@ class Editor:
         self.refresh()
         led = self._reader_ledger()
         head = led.events(after_seq=self._seq - 1)[-1] if led is not None and self._seq > 0 else None
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        except (FileExistsError, NotADirectoryError):
+            raise FileAccessError(f"cannot write {out}: {out.parent} is not a directory") from None
+        except OSError as err:
+            raise FileAccessError(f"cannot write {out}: {err.strerror or err}") from None
         try:
             os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
             save_checkpoint(tmp, self.model, self.codec)
@@ -1075,8 +1080,10 @@ class Editor:
             if out.exists():
                 out.rmdir()  # empty (checked above)
             os.replace(tmp, out)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, OSError) and not isinstance(err, KnoweditError):
+                raise FileAccessError(f"cannot write {out}: {err.strerror or err}") from None
             raise
         return out
 

@@ -37,7 +37,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from knowedit.data.records import EditRequest, Example, requests_from
+from knowedit.data.records import EditRequest, Example, RecordError, requests_from
+from knowedit.errors import OptionError
 from knowedit.inference import PromptError, encode_examples, encode_pair, greedy
 from knowedit.model import MemoryLM
 from knowedit.tokenizer import TextCodec
@@ -311,7 +312,7 @@ def run_edits(
     reqs = list(requests)
     T = len(reqs)
     if T == 0:
-        raise ValueError("no edit requests to evaluate")
+        raise RecordError("no edit requests to evaluate")
     points = retention_points(T, checkpoints) if isinstance(checkpoints, int) else sorted(
         {int(t) for t in checkpoints if 1 <= int(t) <= T}
     )
@@ -326,7 +327,7 @@ def run_edits(
     outcomes: list[dict] = []
     curve: list[dict] = []
     if batch > 1 and not hasattr(method, "apply_batch"):
-        raise ValueError(f"method {getattr(method, 'name', method)!r} has no batch editing (batch must be 1)")
+        raise OptionError(f"method {getattr(method, 'name', method)!r} has no batch editing (batch must be 1)")
     t = 0
     for s in range(0, T, batch):
         group = reqs[s : s + batch]
@@ -376,7 +377,7 @@ def check_requests(requests: Sequence[EditRequest], codec: TextCodec, max_len: i
     """Every prompt of every request must fit the model, before any edit is made.
 
     Raises:
-        ValueError: naming the record and the prompt.
+        RecordError: naming the record and the prompt.
     """
     for i, r in enumerate(requests):
         where = f"record {i}" + (f" (case_id {r.case_id})" if r.case_id else "")
@@ -394,7 +395,7 @@ def check_requests(requests: Sequence[EditRequest], codec: TextCodec, max_len: i
                 if len(codec.encode_prompt(p)) >= max_len:
                     raise PromptError(f"locality prompt {p!r} leaves no room for an answer in {max_len} tokens")
         except PromptError as err:
-            raise ValueError(f"{where}: {err}") from None
+            raise RecordError(f"{where}: {err}") from None
 
 
 def answer_budget(requests: Sequence[EditRequest], codec: TextCodec) -> int:
@@ -447,10 +448,10 @@ def evaluate(
     from knowedit.baselines import open_method
 
     if n is not None and n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
+        raise OptionError(f"n must be at least 1, got {n}")
     reqs = requests_from(requests)
     if not reqs:
-        raise ValueError("no edit requests to evaluate")
+        raise RecordError("no edit requests to evaluate")
     available = len(reqs)
     reqs = reqs[:n] if n is not None else reqs
     t0 = time.perf_counter()
@@ -524,7 +525,14 @@ def new_plot_path(directory: Path, method: str, T: int) -> Path:
     """
     import os
 
-    directory.mkdir(parents=True, exist_ok=True)
+    from knowedit.errors import FileAccessError, file_problem
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise FileAccessError(f"plot directory {directory} is a file, not a directory") from None
+    except OSError as err:
+        raise file_problem(directory, err, "write") from None
     stem = f"eval-{method}-T{T}-{time.strftime('%Y%m%d-%H%M%S')}"
     for k in range(1, 10_000):
         path = directory / (f"{stem}.png" if k == 1 else f"{stem}-{k}.png")
@@ -532,8 +540,10 @@ def new_plot_path(directory: Path, method: str, T: int) -> Path:
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         except FileExistsError:
             continue
+        except OSError as err:
+            raise file_problem(path, err, "write") from None
         return path
-    raise OSError(f"no free plot file name for {stem} in {directory}")
+    raise FileAccessError(f"no free plot file name for {stem} in {directory}")
 
 
 def plot_run(res: Mapping, path: Path) -> Path:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from knowedit.config import MemoryConfig
+from knowedit.config import ConfigError, MemoryConfig
 
 
 @dataclass
@@ -273,9 +273,9 @@ class ProductKeyMemory(nn.Module):
     def __init__(self, d_model: int, cfg: MemoryConfig, pool: ValuePool, layer: int) -> None:
         super().__init__()
         if cfg.key_dim % 2:
-            raise ValueError("memory.key_dim must be even (two half keys)")
+            raise ConfigError("memory.key_dim must be even (two half keys)")
         if cfg.topk > cfg.n_keys**2:
-            raise ValueError("memory.topk exceeds the number of slots")
+            raise ConfigError("memory.topk exceeds the number of slots")
         self.cfg = cfg
         self.layer = layer
         self.pool = pool

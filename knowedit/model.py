@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from knowedit.config import ModelConfig
+from knowedit.config import ConfigError, ModelConfig
 from knowedit.memory import MemoryTrace, ProductKeyMemory, RowPatch, ValuePool
 
 
@@ -16,7 +16,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         if cfg.d_model % cfg.n_heads:
-            raise ValueError("d_model must be divisible by n_heads")
+            raise ConfigError("d_model must be divisible by n_heads")
         self.n_heads = cfg.n_heads
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
@@ -89,10 +89,10 @@ class MemoryLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         if cfg.vocab_size <= 0:
-            raise ValueError("model.vocab_size must be set (from the tokenizer)")
+            raise ConfigError("model.vocab_size must be set (from the tokenizer)")
         bad = [i for i in cfg.memory_layers if not 0 <= i < cfg.n_layers]
         if bad:
-            raise ValueError(f"memory_layers {bad} outside 0..{cfg.n_layers - 1}")
+            raise ConfigError(f"memory_layers {bad} outside 0..{cfg.n_layers - 1}")
         self.cfg = cfg
         mem = cfg.memory
         value_dim = mem.value_dim or cfg.d_model

@@ -644,15 +644,20 @@ def retrofit(
         model = RetrofitLM(hf, cfg)
     base_fp = model.base_fingerprint()
     meta = {"source": str(hf_dir.resolve()), "source_fingerprint": base_fp, "pad_token": pad, "eos_token": eos}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    except OSError as err:
+        raise RetrofitError(f"cannot write {out}: {err.strerror or err}") from None
     try:
         save_retrofit(tmp, model, tok_file.read_bytes(), meta)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise RetrofitError(f"cannot write {out}: {err.strerror or err}") from None
         raise
     n_base = sum(p.numel() for p in model.hf.parameters())
     n_mem = sum(p.numel() for p in model.memories.parameters())

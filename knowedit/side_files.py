@@ -21,7 +21,7 @@ from pathlib import Path
 
 from knowedit.checkpoint import STATS_FILE, Checkpoint, plain_file_mode
 from knowedit.data.records import Example
-from knowedit.errors import KnoweditError
+from knowedit.errors import FileAccessError, KnoweditError
 from knowedit.stats import SlotStats, compute_slot_stats
 
 CORPUS_FILE = "corpus.jsonl"
@@ -116,11 +116,16 @@ def build_stats(
     """Compute background slot statistics over ``docs`` and (``persist``) store them.
 
     Raises:
-        OSError: the directory is not writable (with ``persist``).
+        FileAccessError: the directory is not writable (with ``persist``); an OSError.
     """
     stats = compute_slot_stats(ck.model, ck.codec, docs, on_batch=on_batch)
     if persist:
-        save_stats(ck, stats, docs)
+        try:
+            save_stats(ck, stats, docs)
+        except OSError as err:
+            raise FileAccessError(
+                f"cannot store the slot statistics in {ck.path}: {err.strerror or err}"
+            ) from None
     return stats
 
 

@@ -12,8 +12,14 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from knowedit.errors import KnoweditError
+
 PAD = "<pad>"
 EOS = "<eos>"
+
+
+class TextError(KnoweditError, ValueError):
+    """Text that is not valid Unicode, or a tokenizer that cannot encode it; the message says which."""
 
 
 def text_problem(text: str) -> str | None:
@@ -43,11 +49,11 @@ def check_text(text: str, what: str = "text") -> str:
     """``text`` itself if it is valid Unicode text.
 
     Raises:
-        ValueError: ``"{what} is not valid text: lone surrogate U+D800 at position 3"``.
+        TextError: ``"{what} is not valid text: lone surrogate U+D800 at position 3"``.
     """
     problem = text_problem(text)
     if problem is not None:
-        raise ValueError(f"{what} is not valid text: {problem}")
+        raise TextError(f"{what} is not valid text: {problem}")
     return text
 
 
@@ -63,7 +69,7 @@ class TextCodec:
         self.tok = tokenizer
         pad, eos = tokenizer.token_to_id(pad_token), tokenizer.token_to_id(eos_token)
         if pad is None or eos is None:
-            raise ValueError(f"tokenizer lacks the {pad_token}/{eos_token} special tokens")
+            raise TextError(f"tokenizer lacks the {pad_token}/{eos_token} special tokens")
         self.pad_id: int = pad
         self.eos_id: int = eos
 
@@ -94,11 +100,11 @@ class TextCodec:
         return self.tok.get_vocab_size()
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        """Token ids of a prompt (stripped). ValueError if it is not valid text."""
+        """Token ids of a prompt (stripped). TextError if it is not valid text."""
         return self.tok.encode(check_text(prompt, "the prompt").strip(), add_special_tokens=False).ids
 
     def encode_answer(self, answer: str, eos: bool = True) -> list[int]:
-        """Token ids of `` answer`` (+ eos). ValueError if it is not valid text."""
+        """Token ids of `` answer`` (+ eos). TextError if it is not valid text."""
         ids = self.tok.encode(" " + check_text(answer, "the target").strip(), add_special_tokens=False).ids
         return ids + [self.eos_id] if eos else ids
 

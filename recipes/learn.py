@@ -37,9 +37,10 @@ from torch.utils.data import DataLoader
 from knowedit.baselines import LoRA, lora_targets
 from knowedit.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from knowedit.config import LearnConfig, learn_lr
-from knowedit.data.documents import load_learning_data
+from knowedit.data.documents import DataError, load_learning_data
 from knowedit.data.records import Example
 from knowedit.editor import Editor, LearningSession
+from knowedit.errors import FileAccessError, OptionError
 from knowedit.inference import Batch, PromptError, encode_examples, encode_pair, greedy_exact
 from knowedit.memory import MemoryTrace
 from knowedit.model import MemoryLM
@@ -240,13 +241,13 @@ def check_data(examples: list[Example], codec: TextCodec, max_len: int, source: 
     """Every example must fit the model's context, before anything is trained or written.
 
     Raises:
-        ValueError: naming the first example that does not (its index in the file's order).
+        DataError: naming the first example that does not (its index in the file's order).
     """
     for i, ex in enumerate(examples):
         try:
             encode_pair(codec, ex.prompt, ex.answer, max_len)
         except PromptError as err:
-            raise ValueError(f"{source}: document {i + 1} ({ex.prompt} {ex.answer[:40]!r}...): {err}") from None
+            raise DataError(f"{source}: document {i + 1} ({ex.prompt} {ex.answer[:40]!r}...): {err}") from None
 
 
 def _trainer(cfg: LearnConfig, steps: int, progress: bool, callbacks: list[L.Callback]) -> L.Trainer:
@@ -300,7 +301,7 @@ def learn(
         The run's report: method, steps, loss, rows changed, acquisition, events, seconds.
 
     Raises:
-        ValueError: bad data, settings or output directory; nothing was changed.
+        DataError, OptionError: bad data, settings or output directory; nothing was changed.
         EditError: a conflict at commit time (the uncommitted part is discarded).
     """
     t0 = time.monotonic()
@@ -310,16 +311,16 @@ def learn(
     dense = cfg.method != "sparse"
     if dense:
         if out is None:
-            raise ValueError(f"method {cfg.method} changes too many weights for the ledger: give --out DIR for the new checkpoint")
+            raise OptionError(f"method {cfg.method} changes too many weights for the ledger: give --out DIR for the new checkpoint")
         out = Path(out)
         if out.resolve() == Path(model_dir).resolve():
-            raise ValueError("--out must be a new directory, not the model directory")
+            raise OptionError("--out must be a new directory, not the model directory")
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise ValueError(f"--out {out} exists and is not an empty directory")
+            raise OptionError(f"--out {out} exists and is not an empty directory")
         if resume:
-            raise ValueError("--resume is for sparse runs (their commits are in the ledger); dense runs start over")
+            raise OptionError("--resume is for sparse runs (their commits are in the ledger); dense runs start over")
     elif out is not None:
-        raise ValueError("--out is for the dense methods (ft, ft-memory, lora); a sparse run commits to the ledger")
+        raise OptionError("--out is for the dense methods (ft, ft-memory, lora); a sparse run commits to the ledger")
     ck = load_checkpoint(model_dir)  # read-only: check the data before anything is written
     check_data(examples, ck.codec, ck.cfg.max_seq_len, str(data))
     prior_threads = torch.get_num_threads()
@@ -350,7 +351,7 @@ def _idf(ed: Editor, cfg: LearnConfig, model_dir: Path) -> dict[str, torch.Tenso
         return None
     stats: SlotStats | None = ed.stats
     if stats is None:
-        raise ValueError(
+        raise OptionError(
             f"{model_dir} has no slot statistics and no {CORPUS_FILE} to compute them from: run "
             f"`knowedit stats --model {model_dir} --corpus FILE`, or learn with background=none"
         )
@@ -367,7 +368,7 @@ def _guard_source(
         return None
     stats, docs = ed.stats, ed.docs
     if stats is None or not docs:
-        raise ValueError(
+        raise OptionError(
             f"guard_docs needs the model's background documents: {ed.ck.path} has no {CORPUS_FILE} "
             "and no slot statistics (run `knowedit stats`), or learn with guard_docs=0"
         )
@@ -465,10 +466,13 @@ def _learn_dense(
         module.merge_adapters()
         ed.model.eval()
         acquisition = _acquisition(ed.model, ed.codec, examples)
-        out.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(out, ed.model, ed.codec)
-        if (ed.ck.path / CORPUS_FILE).is_file():  # later edits on the new model keep their guards
-            shutil.copyfile(ed.ck.path / CORPUS_FILE, out / CORPUS_FILE)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(out, ed.model, ed.codec)
+            if (ed.ck.path / CORPUS_FILE).is_file():  # later edits on the new model keep their guards
+                shutil.copyfile(ed.ck.path / CORPUS_FILE, out / CORPUS_FILE)
+        except OSError as err:
+            raise FileAccessError(f"cannot write --out {out}: {err.strerror or err}") from None
     finally:
         for a in module.adapters:
             a.remove()

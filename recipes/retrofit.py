@@ -196,7 +196,10 @@ def train_memory(model_dir: str | Path, data: str | Path, cfg: MemoryTrainConfig
     except Exception as err:  # noqa: BLE001 - Lightning raises many types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MemoryTrainError(f"cannot train with these settings: {first}") from None
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise MemoryTrainError(f"cannot create --out {out}: {err.strerror or err}") from None
     # The base stays in eval mode on purpose (no dropout): Lightning's notice about it is noise.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     module = _module_class(MemoryLMModule)(cfg, model, eval_sample, codec)  # type: ignore[arg-type]

@@ -38,7 +38,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader, Sampler
 
 from knowedit.checkpoint import save_checkpoint
-from knowedit.config import OptimConfig, TrainConfig, fold_trainer_aliases, to_yaml
+from knowedit.config import ConfigError, OptimConfig, TrainConfig, fold_trainer_aliases, to_yaml
 from knowedit.data import (
     EditRequest,
     Example,
@@ -47,6 +47,7 @@ from knowedit.data import (
     true_fact_examples,
     write_jsonl,
 )
+from knowedit.errors import FileAccessError, file_problem
 from knowedit.inference import encode_examples, greedy_exact, teacher_forced
 from knowedit.model import MemoryLM, build_model
 from knowedit.tokenizer import TextCodec, corpus_texts
@@ -133,17 +134,17 @@ class FactDataModule(L.LightningDataModule):
             self.edits = world.edit_requests()
         elif d.source == "easyedit":
             if not d.path:
-                raise ValueError("data.source=easyedit needs data.path")
+                raise ConfigError("data.source=easyedit needs data.path")
             self.edits = load_records(d.path, limit=d.limit)
             self.train_ex = true_fact_examples(self.edits)
         elif d.source == "documents":
             if not d.path:
-                raise ValueError("data.source=documents needs data.path")
+                raise ConfigError("data.source=documents needs data.path")
             from knowedit.data.documents import load_learning_data
 
             self.train_ex = load_learning_data(d.path)[0][: d.limit or None]
         else:
-            raise ValueError(f"unknown data.source {d.source!r} (synthetic, easyedit or documents)")
+            raise ConfigError(f"unknown data.source {d.source!r} (synthetic, easyedit or documents)")
         self.codec = TextCodec.train(corpus_texts(self.train_ex), vocab_size=d.vocab_size)
 
     def train_dataloader(self) -> DataLoader:
@@ -199,7 +200,7 @@ def value_optimizer(o: OptimConfig, params: list[torch.nn.Parameter]) -> torch.o
         return SparseSGD(params, lr=o.value_lr)
     if o.value_optimizer == "rowwise_adagrad":
         return RowwiseAdagrad(params, lr=o.value_lr)
-    raise ValueError(f"optim.value_optimizer must be one of {', '.join(VALUE_OPTIMIZERS)}, not {o.value_optimizer!r}")
+    raise ConfigError(f"optim.value_optimizer must be one of {', '.join(VALUE_OPTIMIZERS)}, not {o.value_optimizer!r}")
 
 
 class MemoryLMModule(L.LightningModule):
@@ -278,12 +279,12 @@ def check_resumable(saved_yaml: str | None, cfg: TrainConfig) -> None:
     """Refuse to resume a run whose model, data, optimizer or seed differ from ``cfg``.
 
     Raises:
-        ValueError: one line naming the first keys that differ, old and new values.
+        ConfigError: one line naming the first keys that differ, old and new values.
     """
     import yaml
 
     if saved_yaml is None:
-        raise ValueError("the resume checkpoint was not written by knowedit train (no saved config)")
+        raise ConfigError("the resume checkpoint was not written by knowedit train (no saved config)")
     saved, now = yaml.safe_load(saved_yaml), yaml.safe_load(to_yaml(cfg))
     diffs = [
         f"{key}={_at(saved, key)!r} before, {_at(now, key)!r} now"
@@ -292,7 +293,7 @@ def check_resumable(saved_yaml: str | None, cfg: TrainConfig) -> None:
         if _at(saved, key) != _at(now, key)
     ]
     if diffs:
-        raise ValueError(
+        raise ConfigError(
             f"cannot resume: the run was started with other settings ({'; '.join(diffs[:3])}); "
             "resume with the recipe and overrides it was started with"
         )
@@ -365,7 +366,7 @@ def check_settings(cfg: TrainConfig) -> None:
     """Check the recipe's own choices and every ``trainer.*`` key, before anything is written.
 
     Raises:
-        ValueError: one line: an unknown logger, a logger whose package is missing, an
+        ConfigError: one line: an unknown logger, a logger whose package is missing, an
             unknown value optimizer, a negative ``checkpoint_every_n_epochs``, a key
             ``lightning.Trainer`` does not take (with the nearest names), or one the recipe
             sets itself (with what to use instead).
@@ -373,26 +374,26 @@ def check_settings(cfg: TrainConfig) -> None:
     import importlib.util
 
     if cfg.logger not in LOGGERS:
-        raise ValueError(f"unknown logger {cfg.logger!r}; choose from {', '.join(LOGGERS)}")
+        raise ConfigError(f"unknown logger {cfg.logger!r}; choose from {', '.join(LOGGERS)}")
     if cfg.logger == "tensorboard" and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
-        raise ValueError("logger=tensorboard needs the tensorboard package (pip install tensorboard); or use logger=csv")
+        raise ConfigError("logger=tensorboard needs the tensorboard package (pip install tensorboard); or use logger=csv")
     if cfg.optim.value_optimizer not in VALUE_OPTIMIZERS:
-        raise ValueError(
+        raise ConfigError(
             f"optim.value_optimizer must be one of {', '.join(VALUE_OPTIMIZERS)}, not {cfg.optim.value_optimizer!r}"
         )
     if cfg.checkpoint_every_n_epochs < 0:
-        raise ValueError(f"checkpoint_every_n_epochs must be >= 0 (0: none), got {cfg.checkpoint_every_n_epochs}")
+        raise ConfigError(f"checkpoint_every_n_epochs must be >= 0 (0: none), got {cfg.checkpoint_every_n_epochs}")
     world = world_size(cfg)
     if world > 1:
         check_memory_parallel(cfg, world)
     known = [k for k in inspect.signature(L.Trainer.__init__).parameters if k != "self"]
     for key in cfg.trainer:
         if key in TRAINER_OWNED:
-            raise ValueError(f"trainer.{key} is set by the recipe: {TRAINER_OWNED[key]}")
+            raise ConfigError(f"trainer.{key} is set by the recipe: {TRAINER_OWNED[key]}")
         if key not in known:
             near = difflib.get_close_matches(key, known, n=3)
             hint = f"; did you mean {', '.join('trainer.' + k for k in near)}?" if near else ""
-            raise ValueError(f"unknown trainer key trainer.{key}: lightning.Trainer takes no argument {key!r}{hint}")
+            raise ConfigError(f"unknown trainer key trainer.{key}: lightning.Trainer takes no argument {key!r}{hint}")
 
 
 def check_memory_parallel(cfg: TrainConfig, world: int) -> None:
@@ -446,7 +447,7 @@ def train(
         The training report: accuracies, wall time, the thread count, sizes.
 
     Raises:
-        ValueError: an accelerator this machine lacks (naming the usable ones),
+        ConfigError: an accelerator this machine lacks (naming the usable ones),
             a negative thread count, a data file that is not there (naming the
             ``data.path=`` override), a training example longer than the
             model's context (naming the ``model.max_seq_len=`` override), or a
@@ -463,13 +464,13 @@ def train(
 
         raise DistributedError("--resume is not supported for memory-parallel runs yet (they write no resume checkpoint)")
     if resume and not (Path(cfg.out) / RESUME_FILE).is_file():
-        raise ValueError(
+        raise ConfigError(
             f"nothing to resume: {Path(cfg.out) / RESUME_FILE} does not exist (train without --resume, "
             "or give the --out of the interrupted run)"
         )
     resolve_data_path(cfg, config_dir)
     if cfg.threads < 0:
-        raise ValueError(f"threads must be >= 0 (0: torch's default), got {cfg.threads}")
+        raise ConfigError(f"threads must be >= 0 (0: torch's default), got {cfg.threads}")
     prior_threads = torch.get_num_threads()
     if cfg.threads:
         # Float reductions split across threads sum in a different order: the same
@@ -512,11 +513,16 @@ def _train(cfg: TrainConfig, progress: bool, t0: float, resume: bool) -> dict:
     except (ImportError, MisconfigurationException, TypeError, ValueError) as err:  # what the checks cannot foresee
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         extra = "".join(f", trainer.{k}={v!r}" for k, v in cfg.trainer.items())
-        raise ValueError(
+        raise ConfigError(
             f"cannot train with accelerator {cfg.accelerator!r} and precision {cfg.precision!r}{extra}: {first}"
         ) from None
     check_fit(dm.train_ex, dm.codec, cfg.model.max_seq_len)  # before the first step, and before writing
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise FileAccessError(f"--out {out} is a file, not a directory") from None
+    except OSError as err:
+        raise file_problem(f"--out {out}", err, "write") from None
     if not resume:  # a fresh run: an earlier run's resume state must not be resumed later
         (out / RESUME_FILE).unlink(missing_ok=True)
     cfg.model.vocab_size = dm.codec.vocab_size
@@ -569,13 +575,13 @@ def world_size(cfg: TrainConfig) -> int:
     """Processes of the run: ``trainer.devices`` x ``trainer.num_nodes`` (1 when not set).
 
     Raises:
-        ValueError: a value that is not a positive whole number.
+        ConfigError: a value that is not a positive whole number.
     """
     n = 1
     for key in ("devices", "num_nodes"):
         v = cfg.trainer.get(key, 1)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"trainer.{key} must be a positive whole number (processes to train on), got {v!r}")
+            raise ConfigError(f"trainer.{key} must be a positive whole number (processes to train on), got {v!r}")
         n *= v
     return n
 
@@ -600,7 +606,7 @@ def resolve_data_path(cfg: TrainConfig, config_dir: str | Path | None = None) ->
     there, replaced by that path (so the saved ``config.yaml`` names the file read).
 
     Raises:
-        ValueError: the file is in neither place; the message names the
+        ConfigError: the file is in neither place; the message names the
             ``data.path=`` override.
     """
     d = cfg.data
@@ -616,7 +622,7 @@ def resolve_data_path(cfg: TrainConfig, config_dir: str | Path | None = None) ->
             d.path = str(beside)
             return
         looked.append(str(beside.resolve()))
-    raise ValueError(
+    raise ConfigError(
         f"data.path {d.path!r} not found (looked for {' and '.join(looked)}); "
         "give the file with data.path=/path/to/file"
     )
@@ -626,7 +632,7 @@ def check_fit(examples: list[Example], codec: TextCodec, max_len: int) -> None:
     """Every training example must fit the model's context (prompt + answer + eos).
 
     Raises:
-        ValueError: one line naming the longest example, its token count and the
+        ConfigError: one line naming the longest example, its token count and the
             ``model.max_seq_len=N`` override that makes every example fit.
     """
     longest, worst, too_long = 0, -1, 0
@@ -638,7 +644,7 @@ def check_fit(examples: list[Example], codec: TextCodec, max_len: int) -> None:
     if longest > max_len:
         ex = examples[worst]
         text = ex.prompt if len(ex.prompt) <= 80 else ex.prompt[:77] + "..."
-        raise ValueError(
+        raise ConfigError(
             f"{too_long} training example(s) do not fit the model's context of {max_len} tokens; the longest, "
             f"example {worst} ({text!r} -> {ex.answer!r}), is {longest} tokens: "
             f"train with model.max_seq_len={longest} (or more), or shorten the data"
@@ -669,7 +675,7 @@ def usable_accelerators() -> tuple[list[str], list[str]]:
 
 
 def check_accelerator(name: str) -> None:
-    """Raise ValueError, naming ``name`` and the valid choices, unless this machine has it.
+    """Raise ConfigError, naming ``name`` and the valid choices, unless this machine has it.
 
     Lightning would otherwise fail inside ``Trainer(...)`` with a traceback
     (``tpu`` without torch_xla: ModuleNotFoundError; ``cuda`` without a GPU).
@@ -678,7 +684,7 @@ def check_accelerator(name: str) -> None:
     if name in usable:
         return
     what = "is not available on this machine" if name in unusable else "is not a known accelerator"
-    raise ValueError(f"accelerator {name!r} {what}; choose from {', '.join(usable)}")
+    raise ConfigError(f"accelerator {name!r} {what}; choose from {', '.join(usable)}")
 
 
 def _quiet_lightning() -> None:

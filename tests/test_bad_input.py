@@ -347,3 +347,91 @@ def test_11_train_refuses_negative_threads(runner: CliRunner, tmp_path: Path) ->
     result = runner.invoke(app, ["train", "tiny", "threads=-1", "--out", str(out), "-q"])
     clean_failure(result, "threads must be >= 0")
     assert not out.exists()
+
+
+# ------------------------------------------- only KnoweditError is a user error
+
+
+@pytest.mark.parametrize("bug", [RuntimeError("a bug"), ValueError("a bug"), OSError("a bug"), KeyError("a bug")])
+def test_an_error_that_is_not_a_knowedit_error_shows_its_traceback(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bug: Exception
+) -> None:
+    """A builtin exception inside a command is a bug: it propagates (a traceback), never a one-line ``error:``."""
+    import knowedit.checkpoint
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise bug
+
+    monkeypatch.setattr(knowedit.checkpoint, "load_checkpoint", broken)
+    result = runner.invoke(app, ["ask", "The mother tongue of Danielle Darrieux is", "--model", str(tmp_path), "--base"])
+    assert result.exit_code != 0
+    assert result.exception is bug
+    assert "error:" not in result.output
+
+
+def test_a_knowedit_error_inside_a_command_is_one_line(runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import knowedit.checkpoint
+    from knowedit.checkpoint import CheckpointError
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise CheckpointError("the checkpoint is broken")
+
+    monkeypatch.setattr(knowedit.checkpoint, "load_checkpoint", broken)
+    result = runner.invoke(app, ["ask", "The mother tongue of Danielle Darrieux is", "--model", str(tmp_path), "--base"])
+    clean_failure(result, "error: the checkpoint is broken")
+
+
+def test_train_into_a_file_is_one_line(runner: CliRunner, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.write_text("not a directory")
+    result = runner.invoke(app, ["train", "tiny", "--out", str(out), "-q"])
+    clean_failure(result, f"--out {out} is a file, not a directory")
+    assert out.read_text() == "not a directory"
+
+
+def test_export_under_a_file_is_one_line(model_dir: Path, runner: CliRunner, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    before = tree(model_dir)
+    result = runner.invoke(app, ["export", "-m", str(model_dir), "--out", str(blocker / "new")])
+    clean_failure(result, f"cannot write {blocker / 'new'}", "is not a directory")
+    _unchanged(model_dir, before)
+
+
+def test_stats_that_cannot_be_stored_is_one_line(model_dir: Path, runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    import knowedit.side_files
+
+    def read_only(*_args: object, **_kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(knowedit.side_files, "save_stats", read_only)
+    result = runner.invoke(app, ["stats", "-m", str(model_dir)])
+    clean_failure(result, f"cannot store the slot statistics in {model_dir}", "Permission denied")
+
+
+def test_a_corpus_that_is_not_prompt_answer_objects_is_one_line(model_dir: Path, runner: CliRunner, tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer": "d", "extra": 1}\n')
+    result = runner.invoke(app, ["stats", "-m", str(model_dir), "--corpus", str(corpus), "--dry-run"])
+    clean_failure(result, "not a JSONL file of {prompt, answer} objects", "line 2")
+
+
+def test_the_new_error_classes_keep_their_builtin_bases() -> None:
+    """Python callers that caught ValueError / OSError still catch them."""
+    from knowedit.config import ConfigError
+    from knowedit.errors import FileAccessError, KnoweditError, OptionError
+    from knowedit.tokenizer import TextError
+
+    for cls in (ConfigError, OptionError, TextError):
+        assert issubclass(cls, KnoweditError) and issubclass(cls, ValueError), cls
+    assert issubclass(FileAccessError, KnoweditError) and issubclass(FileAccessError, OSError)
+    assert str(FileAccessError("x cannot be read")) == "x cannot be read"
+
+
+def test_ledger_export_into_a_directory_is_one_line(model_dir: Path, runner: CliRunner, tmp_path: Path) -> None:
+    req = _first_request(model_dir)
+    m = str(model_dir)
+    args = ["edit", "apply", "-m", m, "-p", req["prompt"], "-t", req["target_new"], "--max-steps", STEPS, "--allow-failed"]
+    assert runner.invoke(app, args).exit_code == 0
+    result = runner.invoke(app, ["ledger", "export", "-m", m, "--out", str(tmp_path)])
+    clean_failure(result, f"--out {tmp_path} is a directory, not a file")

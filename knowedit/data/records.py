@@ -376,9 +376,29 @@ def true_fact_examples(records: Iterable[EditRequest]) -> list[Example]:
 
 
 def read_examples(path: str | Path) -> list[Example]:
-    """A JSONL file of ``{"prompt", "answer"}`` objects (a checkpoint's corpus)."""
-    with open(path, encoding="utf-8") as f:
-        return [Example(**json.loads(line)) for line in f if line.strip()]
+    """A JSONL file of ``{"prompt", "answer"}`` objects (a checkpoint's corpus).
+
+    Raises:
+        RecordError: unreadable file, or a line that is not a ``{prompt, answer}`` object (named).
+    """
+    out: list[Example] = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    raw = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise RecordError(f"{path}: invalid JSON on line {n}: {err.msg}") from None
+                if not isinstance(raw, dict) or set(raw) != {"prompt", "answer"}:
+                    raise RecordError(f"{path}: line {n} is not a {{prompt, answer}} object")
+                out.append(Example(**raw))
+    except OSError as err:
+        raise RecordError(f"cannot read {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise RecordError(f"{path} is not UTF-8 text") from None
+    return out
 
 
 def write_jsonl(path: str | Path, rows: Iterable[Mapping]) -> None:

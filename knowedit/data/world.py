@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from knowedit.config import WorldConfig
+from knowedit.config import ConfigError, WorldConfig
 from knowedit.data.records import EditRequest, Example
 
 RELATIONS: list[tuple[str, list[str], list[str]]] = [
@@ -140,16 +140,16 @@ def make_world(cfg: WorldConfig | None = None) -> FactWorld:
     """Generate a world of ``entities x relations`` facts, deterministic from ``cfg.seed``.
 
     Raises:
-        ValueError: for sizes the built-in relations cannot serve.
+        ConfigError: for sizes the built-in relations cannot serve.
     """
     cfg = cfg or WorldConfig()
     if not 1 <= cfg.relations <= len(RELATIONS):
-        raise ValueError(f"world.relations must be 1..{len(RELATIONS)}")
+        raise ConfigError(f"world.relations must be 1..{len(RELATIONS)}")
     max_phr = min(len(r[1]) for r in RELATIONS)
     if not 1 <= cfg.phrasings <= max_phr or not 0 <= cfg.held_out < cfg.phrasings:
-        raise ValueError(f"world.phrasings must be 1..{max_phr} and held_out below it")
+        raise ConfigError(f"world.phrasings must be 1..{max_phr} and held_out below it")
     if not 2 <= cfg.objects_per_relation <= min(len(r[2]) for r in RELATIONS):
-        raise ValueError("world.objects_per_relation out of range")
+        raise ConfigError("world.objects_per_relation out of range")
     rng = random.Random(cfg.seed)
     names: set[str] = set()
     subjects: list[str] = []
