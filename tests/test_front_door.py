@@ -387,7 +387,7 @@ def test_5_a_relative_data_path_is_found_next_to_the_recipe(tiny_ckpt: Path, tmp
     ("command", "shown"),
     [
         (["ask"], ["Ledger path or SQLAlchemy URL. [default: (MODEL/ledger.db)]", "[default: 8]"]),
-        (["edit", "apply"], ["Ledger path or SQLAlchemy URL. [default: (MODEL/ledger.db)]", "[default: 100]", "[default: joint]"]),
+        (["edit", "apply"], ["Ledger path or SQLAlchemy URL. [default: (MODEL/ledger.db)]", "[default: 300]", "[default: joint]"]),
         (["train"], ["Checkpoint directory. [default: (runs/NAME)]"]),
         (["stats"], ["[default: (MODEL/corpus.jsonl)]"]),
         (["ledger", "export"], ["Write JSONL here. [default: (stdout)]"]),
@@ -534,4 +534,4 @@ def test_6_import_knowedit_is_light_and_names_still_resolve() -> None:
             "print(light, Editor.__name__, EditOptions().max_steps, MemoryLM.__name__, evaluate.__name__)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["True", "Editor", "100", "MemoryLM", "knowedit.evaluate"]
+    assert proc.stdout.split() == ["True", "Editor", "300", "MemoryLM", "knowedit.evaluate"]
