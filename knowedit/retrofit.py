@@ -124,7 +124,10 @@ def _shadowing_kernels() -> Path | None:
     if spec is None or spec.origin is None:
         return None
     origin = Path(spec.origin).resolve()
-    return origin.parent if origin == Path(own.__file__).resolve() else None
+    if origin == Path(own.__file__).resolve():
+        return origin.parent
+    # another checkout's (a worktree, a copy on PYTHONPATH): knowedit's kernel modules are in it
+    return origin.parent if (origin.parent / "_lookup_triton.py").is_file() else None
 
 
 def _need_transformers() -> Any:  # noqa: ANN401 - the module
