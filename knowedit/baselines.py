@@ -12,7 +12,8 @@ sequentially:
   everything else frozen.
 - ``lora``: rank-r adapters (Hu et al. 2021) on the attention ``qkv``/``proj``
   and the FFN ``down`` / memory ``out`` projections of every block, merged
-  into the weights after each edit.
+  into the weights after each edit (on a retrofitted ``transformers`` model: the
+  attention and MLP output projections of every block and the memory ``out``).
 
 All share the sparse editor's stopping rule and budget: optimise (Adam) until
 every target token and the eos are the teacher-forced argmax with probability
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -225,20 +227,51 @@ def fit_edit(
     return success, steps
 
 
-class LoRA:
-    """A rank-r adapter on one ``nn.Linear``: y = W x + (alpha / r) B A x (Hu et al. 2021).
+def _conv1d_type() -> type | None:
+    """``transformers``' ``Conv1D`` (GPT-2's projections), if transformers is loaded;
+    a model that holds one has imported it, so nothing is imported here."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return getattr(mod, "Conv1D", None) if mod is not None else None
 
-    ``A`` starts random and ``B`` at zero, so the model is unchanged until the
-    first step; :meth:`merge` adds ``(alpha / r) B A`` into ``W`` (its shape
-    and identity unchanged) and removes the adapter.
+
+def _is_conv1d(module: nn.Module) -> bool:
+    conv1d = _conv1d_type()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def projection_features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) features of an ``nn.Linear`` (weight (out, in)) or a ``transformers``
+    ``Conv1D`` (weight (in, out), y = x W + b).
+
+    Raises:
+        TypeError: any other module.
+    """
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if _is_conv1d(module):
+        in_f, out_f = module.weight.shape
+        return int(in_f), int(out_f)
+    raise TypeError(f"LoRA adapts nn.Linear or transformers' Conv1D, not {type(module).__name__}")
+
+
+class LoRA:
+    """A rank-r adapter on one projection: y = W x + (alpha / r) B A x (Hu et al. 2021).
+
+    The projection is an ``nn.Linear`` or a ``transformers`` ``Conv1D`` (GPT-2; its
+    weight is stored transposed, (in, out)); the adapter works in output space for
+    both. ``A`` starts random and ``B`` at zero, so the model is unchanged until the
+    first step; :meth:`merge` adds ``(alpha / r) B A`` into the weight (transposed
+    for ``Conv1D``; shape and identity unchanged) and removes the adapter.
     """
 
-    def __init__(self, linear: nn.Linear, rank: int, alpha: float, generator: torch.Generator) -> None:
-        out_f, in_f = linear.weight.shape
+    def __init__(self, linear: nn.Module, rank: int, alpha: float, generator: torch.Generator) -> None:
+        in_f, out_f = projection_features(linear)
         w = linear.weight
         bound = 1 / math.sqrt(in_f)  # PEFT's kaiming_uniform(a=sqrt(5)) bound
         a = (torch.rand(rank, in_f, generator=generator) * 2 - 1) * bound
         self.linear = linear
+        self.transposed = not isinstance(linear, nn.Linear)
+        """Whether the weight is (in, out) (``Conv1D``) rather than (out, in)."""
         self.A = a.to(device=w.device, dtype=w.dtype).requires_grad_(True)  # (r, in)
         self.B = torch.zeros(out_f, rank, device=w.device, dtype=w.dtype, requires_grad=True)  # (out, r)
         self.scale = alpha / rank
@@ -249,17 +282,26 @@ class LoRA:
 
     def merge(self) -> None:
         with torch.no_grad():
-            self.linear.weight.add_(self.scale * (self.B @ self.A))
+            delta = self.scale * (self.B @ self.A)  # (out, in)
+            self.linear.weight.add_(delta.T if self.transposed else delta)
         self._handle.remove()
 
     def remove(self) -> None:
         self._handle.remove()
 
 
-def lora_targets(model: MemoryLM) -> dict[str, nn.Linear]:
-    """The linear layers LoRA adapts: attention ``qkv`` and ``proj``, the FFN's
-    ``down`` or the memory layer's ``out`` projection, in every block."""
-    out: dict[str, nn.Linear] = {}
+def lora_targets(model: MemoryLM) -> dict[str, nn.Module]:
+    """The projections LoRA adapts, by state-dict name (without ``.weight``).
+
+    knowedit's own model: attention ``qkv`` and ``proj``, the FFN's ``down`` or the
+    memory layer's ``out`` projection, in every block. A retrofitted ``transformers``
+    model (:meth:`knowedit.retrofit.RetrofitLM.lora_targets`): every block's attention
+    input and output projections and MLP output projection, and each memory layer's
+    ``out`` (``nn.Linear``, or GPT-2's ``Conv1D``).
+    """
+    if getattr(model, "is_retrofit", False):
+        return model.lora_targets()  # type: ignore[attr-defined,no-any-return]
+    out: dict[str, nn.Module] = {}
     for i, block in enumerate(model.blocks):
         out[f"blocks.{i}.attn.qkv"] = block.attn.qkv
         out[f"blocks.{i}.attn.proj"] = block.attn.proj
@@ -388,7 +430,7 @@ class LoRAEdit(_Dense):
 
     def _trainable_count(self) -> int:
         r = self.opts.rank
-        return sum(r * (m.in_features + m.out_features) for m in lora_targets(self.model).values())
+        return sum(r * sum(projection_features(m)) for m in lora_targets(self.model).values())
 
     def _watched(self) -> dict[str, torch.Tensor]:
         return {f"{k}.weight": m.weight for k, m in lora_targets(self.model).items()}
@@ -454,4 +496,5 @@ __all__ = [
     "fit_edit",
     "lora_targets",
     "open_method",
+    "projection_features",
 ]

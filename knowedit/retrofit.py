@@ -74,11 +74,18 @@ class Arch:
     """The ``transformers`` config field with the context length."""
     mlp_out: str
     """The MLP's output projection (its scale sets the memory's, :meth:`RetrofitLM.balance_memory`)."""
+    attn: str
+    """The block's attention module."""
+    attn_proj: tuple[str, ...]
+    """The attention's input and output projections (``nn.Linear``, or GPT-2's ``Conv1D``)."""
 
 
-_LLAMA_LIKE = Arch("model.layers", "post_attention_layernorm", "mlp", "model.norm", "max_position_embeddings", "down_proj")
+_LLAMA_LIKE = Arch(
+    "model.layers", "post_attention_layernorm", "mlp", "model.norm", "max_position_embeddings", "down_proj",
+    "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"),
+)
 ARCHS: dict[str, Arch] = {
-    "gpt2": Arch("transformer.h", "ln_2", "mlp", "transformer.ln_f", "n_positions", "c_proj"),
+    "gpt2": Arch("transformer.h", "ln_2", "mlp", "transformer.ln_f", "n_positions", "c_proj", "attn", ("c_attn", "c_proj")),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
@@ -167,8 +174,8 @@ class _BlockView:
 
     def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - only reached for a missing attribute
         raise RetrofitError(
-            f"a retrofitted model's blocks have no {name!r}: LoRA (learn method=lora, eval --method lora) adapts "
-            "knowedit's own blocks; use the sparse, ft or ft-memory methods"
+            f"a retrofitted model's blocks have no {name!r}: a block view offers only `ffn` (the block's memory "
+            "layer, else its MLP); the transformers blocks are under the model's `hf`"
         )
 
 
@@ -338,6 +345,22 @@ class RetrofitLM(nn.Module):
             mem.pool.values.div_(s)
             done[mem.pool.name] = s
         return done
+
+    def lora_targets(self) -> dict[str, nn.Module]:
+        """The projections LoRA adapts (:func:`knowedit.baselines.lora_targets`), by state-dict
+        name: every block's attention input and output projections and its MLP's output
+        projection, and each memory layer's ``out``. ``nn.Linear``, or GPT-2's ``Conv1D``."""
+        out: dict[str, nn.Module] = {}
+        a = self.arch
+        for i, block in enumerate(_get(self.hf, a.layers)):
+            prefix = f"hf.{a.layers}.{i}"
+            for name in a.attn_proj:
+                out[f"{prefix}.{a.attn}.{name}"] = _get(block, f"{a.attn}.{name}")
+            out[f"{prefix}.{a.mlp}.{a.mlp_out}"] = _get(block, f"{a.mlp}.{a.mlp_out}")
+            mem = self.memories[str(i)] if str(i) in self.memories else None
+            if mem is not None and mem.out is not None:
+                out[f"memories.{i}.out"] = mem.out
+        return out
 
     def base_fingerprint(self) -> str:
         """:func:`tensors_fingerprint` of the base model's state dict."""

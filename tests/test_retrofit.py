@@ -227,11 +227,86 @@ def test_sequential_edits_and_eval(trained: Path, world: dict, tmp_path: Path) -
     new.write_text("Zorvath Quellin was born in Brindlemoor.\nThe river Ostrel flows into the Pale Sea.\n")
     r = runner.invoke(app, ["learn", "-m", str(model), "--data", str(new), "epochs=2", "guard_docs=0", "--quiet", "--json"])
     assert r.exit_code == 0, r.output
-    # LoRA targets knowedit's own blocks: refused in one line, nothing written.
     r = runner.invoke(app, ["learn", "-m", str(model), "--data", str(new), "--config", "lora", "--out", str(tmp_path / "lora"),
                             "epochs=1", "--quiet"])
-    _one_line_failure(r, "use the sparse, ft or ft-memory methods")
-    assert not (tmp_path / "lora").exists()
+    assert r.exit_code == 0, r.output
+    load_checkpoint(tmp_path / "lora")
+
+
+def _tree(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_lora_on_conv1d_merges_exactly() -> None:
+    """GPT-2's Conv1D stores its weight as (in, out): the adapter acts in output space
+    and the merge adds the transposed update, so the output is the same before and after."""
+    from transformers.pytorch_utils import Conv1D
+
+    from knowedit.baselines import LoRA, projection_features
+
+    torch.manual_seed(0)
+    conv = Conv1D(5, 6)  # nf=5 outputs, nx=6 inputs: weight (6, 5)
+    torch.nn.init.normal_(conv.weight, std=0.1)
+    torch.nn.init.normal_(conv.bias, std=0.1)
+    assert projection_features(conv) == (6, 5)
+    x = torch.randn(2, 3, 6)
+    y0 = conv(x)
+    a = LoRA(conv, rank=2, alpha=4.0, generator=torch.Generator().manual_seed(0))
+    assert a.A.shape == (2, 6) and a.B.shape == (5, 2)
+    assert torch.equal(conv(x), y0)  # B = 0
+    with torch.no_grad():
+        a.B.normal_()
+    y1 = conv(x)
+    assert not torch.allclose(y1, y0, atol=1e-3)
+    a.merge()
+    assert conv.weight.shape == (6, 5) and not conv._forward_hooks
+    assert torch.allclose(conv(x), y1, atol=1e-5)
+    with pytest.raises(TypeError, match="LoRA adapts nn.Linear or transformers' Conv1D"):
+        projection_features(torch.nn.Embedding(3, 4))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_lora_eval_and_learn(arch: str, hf_dirs: dict[str, Path], world: dict, tmp_path: Path) -> None:
+    """eval --method lora and learn method=lora on a retrofitted Llama and GPT-2: eval leaves
+    the model directory as it was; learn writes a checkpoint that loads, in which only the
+    adapted projections' weights changed (memory values and the rest of the base as they were)."""
+    from safetensors.torch import load_file
+
+    from knowedit.baselines import lora_targets
+
+    model = tmp_path / "rf"
+    retrofit(hf_dirs[arch], model, layers="0,1", slots=256, overrides=MEMORY)
+    targets = lora_targets(load_checkpoint(model).model)
+    attn = ("q_proj", "k_proj", "v_proj", "o_proj") if arch == "llama" else ("attn.c_attn", "attn.c_proj")
+    mlp_out = "mlp.down_proj" if arch == "llama" else "mlp.c_proj"
+    assert all(any(k.endswith(f"{i}.{'self_attn.' if arch == 'llama' else ''}{a}") for k in targets) for i in (0, 1) for a in attn)
+    assert sum(k.endswith(mlp_out) for k in targets) == 2
+    assert sorted(k for k in targets if k.startswith("memories.")) == ["memories.0.out", "memories.1.out"]
+    before = _tree(model)
+    runner = CliRunner()
+    r = runner.invoke(app, ["eval", "-m", str(model), "--edits", str(world["dir"] / "edits.jsonl"), "--n", "3",
+                            "--method", "lora", "--option", "max_steps=10", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert res["method"] == "lora" and res["T"] == 3
+    assert all(0.0 <= res["reliability"][mode] <= 1.0 for mode in ("teacher_forced", "greedy"))
+    assert res["params_touched"]["median"] > 0  # the merged adapters changed the live (in-memory) model
+    assert _tree(model) == before
+    data = tmp_path / "new.jsonl"
+    write_jsonl(data, [asdict(e) for e in world["examples"][:4]])
+    out = tmp_path / "lora"
+    r = runner.invoke(app, ["learn", "-m", str(model), "--data", str(data), "method=lora", "lr=0.01", "epochs=1",
+                            "batch_size=2", "--out", str(out), "--quiet", "--json"])
+    assert r.exit_code == 0, r.output
+    assert _tree(model) == before
+    load_checkpoint(out)  # the base fingerprint in config.yaml is the trained base's
+    old, new = load_file(model / "model.safetensors"), load_file(out / "model.safetensors")
+    assert sorted(old) == sorted(new)
+    changed = {k for k in old if not torch.equal(old[k], new[k])}
+    assert changed == {f"{k}.weight" for k in targets}
+    assert all(old[k].shape == new[k].shape for k in old)
+    values = [k for k in old if k.endswith("pool.values") or k.startswith("pools.")]  # saved under either name
+    assert values and not set(values) & changed
 
 
 def test_memory_outside_last_block(pretrained: Path, world: dict, tmp_path: Path) -> None:
