@@ -264,10 +264,10 @@ def test_table_too_big_for_one_capped_process_trains_on_four() -> None:
 
 
 def test_resume_is_refused_for_memory_parallel_runs(tmp_path: Path) -> None:
+    from cli_helpers import clean_failure
     from typer.testing import CliRunner
 
     from knowedit.cli.app import app
-    from tests.cli_helpers import clean_failure
 
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["train", "debug", "trainer.devices=2", "--out", str(out), "-q", "--resume"])

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cli_helpers import clean_failure
 from typer.testing import CliRunner
 
 from knowedit.cli.app import app
@@ -27,7 +28,6 @@ from knowedit.recipes.train import (
     train,
     warmup_cosine,
 )
-from tests.cli_helpers import clean_failure
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO / "recipes" / "configs"
