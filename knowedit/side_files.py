@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from knowedit.checkpoint import STATS_FILE, Checkpoint, plain_file_mode
-from knowedit.data.records import Example
+from knowedit.data.records import Example, RecordError, read_examples
 from knowedit.errors import FileAccessError, KnoweditError
 from knowedit.stats import SlotStats, compute_slot_stats
 
@@ -65,29 +65,15 @@ def docs_bytes(docs: list[Example]) -> bytes:
 
 
 def read_docs(path: Path) -> list[Example]:
-    """A JSONL file of ``{"prompt", "answer"}`` objects.
+    """A JSONL file of ``{"prompt", "answer"}`` objects (:func:`knowedit.data.records.read_examples`).
 
     Raises:
         SideFileError: unreadable file, or a line that is not such an object (named with its number).
     """
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise SideFileError(f"{path} is not UTF-8 text") from None
-    except OSError as err:
-        raise SideFileError(f"cannot read {path}: {err.strerror or err}") from None
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SideFileError(f"{path} line {n}: invalid JSON ({err.msg})") from None
-        if not (isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("answer"), str)):
-            raise SideFileError(f"{path} line {n}: expected an object with string fields prompt and answer")
-        out.append(Example(obj["prompt"], obj["answer"]))
-    return out
+        return read_examples(path)
+    except RecordError as err:
+        raise SideFileError(str(err)) from None
 
 
 def save_stats(ck: Checkpoint, stats: SlotStats, docs: list[Example]) -> None:

@@ -376,7 +376,8 @@ def true_fact_examples(records: Iterable[EditRequest]) -> list[Example]:
 
 
 def read_examples(path: str | Path) -> list[Example]:
-    """A JSONL file of ``{"prompt", "answer"}`` objects (a checkpoint's corpus).
+    """A JSONL file of ``{"prompt", "answer"}`` objects with string values (a checkpoint's
+    corpus and its other example files; :func:`knowedit.side_files.read_docs` too).
 
     Raises:
         RecordError: unreadable file, or a line that is not a ``{prompt, answer}`` object (named).
@@ -391,8 +392,9 @@ def read_examples(path: str | Path) -> list[Example]:
                     raw = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise RecordError(f"{path}: invalid JSON on line {n}: {err.msg}") from None
-                if not isinstance(raw, dict) or set(raw) != {"prompt", "answer"}:
-                    raise RecordError(f"{path}: line {n} is not a {{prompt, answer}} object")
+                if not (isinstance(raw, dict) and set(raw) == {"prompt", "answer"}
+                        and isinstance(raw["prompt"], str) and isinstance(raw["answer"], str)):
+                    raise RecordError(f"{path}: line {n} is not a {{prompt, answer}} object of strings")
                 out.append(Example(**raw))
     except OSError as err:
         raise RecordError(f"cannot read {path}: {err.strerror or err}") from None
