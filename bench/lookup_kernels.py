@@ -5,6 +5,9 @@ N in {2^16, 2^20, 2^22}; a few minutes at most on an H100)::
 
     python bench/lookup_kernels.py --json-out runs/bench_kernels.json
 
+``--sweep`` also times each Triton kernel alone over launch configurations at 2^20 rows
+(``--sweep-log2``) and prints the fastest; the launchers' defaults came from it.
+
 CPU smoke run of the same logic on tiny shapes (torch reference, plus the Triton path
 through the interpreter when ``TRITON_INTERPRET=1``)::
 
@@ -259,6 +262,84 @@ def bench_n(
     return rows
 
 
+#: Launch configurations tried by ``--sweep`` (the library's defaults are among them).
+SWEEP_FWD = [(bk, bd, nw) for bk in (4, 8, 16, 32) for bd in (128, 256, 512, 1024) for nw in (2, 4, 8)]
+SWEEP_VALUES = [(bs, bd, nw) for bs in (4, 8, 16, 32) for bd in (256, 512, 1024) for nw in (2, 4, 8)]
+
+
+def sweep(
+    cfg: Config, n: int, device: torch.device, timer: Callable[..., float], copy_bps: float,
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """Time each Triton kernel alone at table size ``n`` over launch configurations.
+
+    Returns one dict per (kernel, configuration) with its median ms and its bytes floor
+    (forward and weight gradient: ``R + O``; value gradient: ``O``-sized reads of
+    ``grad_out`` per contribution plus ``U*D*b`` written, counted as ``R + U*D*b``).
+    """
+    from knowedit.kernels._common import load_triton_module
+
+    kern = load_triton_module("_lookup_triton")
+    dtype = getattr(torch, cfg.dtype)
+    elem = torch.empty((), dtype=dtype).element_size()
+    gen = torch.Generator(device=device).manual_seed(n)
+    values = torch.randn(n, cfg.dim, device=device, dtype=dtype, generator=gen)
+    idx = torch.randint(0, n, (cfg.tokens, cfg.k), device=device, generator=gen)
+    w = torch.rand(cfg.tokens, cfg.k, device=device, generator=gen)
+    gout = torch.randn(cfg.tokens, cfg.dim, device=device, dtype=dtype, generator=gen)
+    n_unique = int(torch.unique(idx).numel())
+    gathered = cfg.tokens * cfg.k * cfg.dim * elem
+    out_bytes = cfg.tokens * cfg.dim * elem
+    results: list[dict[str, Any]] = []
+
+    # Every configuration's result is checked against the library default's.
+    expect = {
+        "forward": kern.lookup_forward(values, idx, w).float(),
+        "grad_weights": kern.lookup_backward_weights(values, idx, gout, w.dtype).float(),
+        "grad_values": kern.lookup_backward_values(idx, w, gout, n, dtype).coalesce().values().float(),
+    }
+
+    def one(kernel: str, conf: dict[str, int], fn: Callable[[], Any], floor: int) -> None:
+        try:
+            got = fn()
+            got = (got.coalesce().values() if got.is_sparse else got).float()
+            same = bool(torch.allclose(got, expect[kernel], rtol=2e-2, atol=2e-2))
+            ms = timer(fn, cfg.warmup, cfg.reps)
+        except Exception as exc:  # e.g. out of shared memory for a large tile
+            log(f"  sweep {kernel} {conf}: FAILED {type(exc).__name__}: {str(exc)[:120]}")
+            return
+        floor_ms = floor / copy_bps * 1e3
+        results.append(
+            {"kernel": kernel, **conf, "ms": ms, "floor_ms": floor_ms, "x_floor": ms / floor_ms, "matches_default": same}
+        )  # fmt: skip
+        log(f"  sweep {kernel:16s} {conf} {ms:8.3f} ms  x{ms / floor_ms:5.2f} floor{'' if same else '  MISMATCH'}")
+
+    sort_ms = timer(lambda: torch.sort(idx.reshape(-1), stable=True), cfg.warmup, cfg.reps)
+    results.append({"kernel": "sort(ids)", "ms": sort_ms})
+    log(f"  sweep sort(ids) {sort_ms:.3f} ms")
+    for bk, bd, nw in SWEEP_FWD:
+        conf = {"block_k": bk, "block_d": bd, "num_warps": nw}
+        one("forward", conf, lambda c=conf: kern.lookup_forward(values, idx, w, **c), gathered + out_bytes)
+        one(
+            "grad_weights", conf,
+            lambda c=conf: kern.lookup_backward_weights(values, idx, gout, w.dtype, **c),
+            gathered + out_bytes,
+        )  # fmt: skip
+    for bs, bd, nw in SWEEP_VALUES:
+        conf = {"block_s": bs, "block_d": bd, "num_warps": nw}
+        one(
+            "grad_values", conf,
+            lambda c=conf: kern.lookup_backward_values(idx, w, gout, n, dtype, **c),
+            gathered + n_unique * cfg.dim * elem,
+        )  # fmt: skip
+    for kernel in ("forward", "grad_weights", "grad_values"):
+        ok = (r for r in results if r["kernel"] == kernel and r["matches_default"])
+        best = min(ok, key=lambda r: r["ms"], default=None)
+        if best is not None:
+            log(f"best {kernel}: {best}")
+    return results
+
+
 def markdown(rows: list[Row], device_name: str, copy_bps: float, cfg: Config) -> str:
     """Markdown table of the results."""
     lines = [
@@ -284,6 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (median)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed warmup calls")
     parser.add_argument("--n-log2", type=int, nargs="+", default=None, help="table sizes 2^x")
+    parser.add_argument(
+        "--sweep", action="store_true",
+        help="also time each Triton kernel alone over launch configurations (at --sweep-log2)",
+    )  # fmt: skip
+    parser.add_argument("--sweep-log2", type=int, default=20, help="table size 2^x of the sweep")
     args = parser.parse_args(argv)
 
     cfg = replace(SMOKE) if args.smoke else Config()
@@ -312,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     for e in cfg.n_log2:
         rows.extend(bench_n(cfg, 1 << e, device, timer, copy_bps, log))
     print(markdown(rows, device_name, copy_bps, cfg))
+    swept = sweep(cfg, 1 << args.sweep_log2, device, timer, copy_bps, log) if args.sweep else []
     log(f"total {time.perf_counter() - t_start:.1f} s")
 
     if args.json_out:
@@ -328,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                 "floor_ms": "floor_bytes / copy_bytes_per_s",
             },
             "rows": [asdict(r) for r in rows],
+            "sweep": swept,
         }
         os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
         with open(args.json_out, "w") as fh:

@@ -19,8 +19,6 @@ import triton.language as tl
 
 from ._common import alloc_output, next_power_of_2
 
-_NUM_WARPS = 4
-
 
 @triton.jit
 def lookup_fwd_kernel(
@@ -123,13 +121,25 @@ def lookup_bwd_values_kernel(
     tl.store(grows_ptr + u * D + offs_d, acc.to(grows_ptr.dtype.element_ty), mask=mask_d)
 
 
-def lookup_forward(values: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def lookup_forward(
+    values: torch.Tensor,
+    idx: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    block_k: int = 16,
+    block_d: int = 1024,
+    num_warps: int = 4,
+) -> torch.Tensor:
     """Launch :func:`lookup_fwd_kernel`.
 
     Args:
         values: (N, D) value table, unit stride along D.
         idx: (M, K) contiguous int64 slot ids in ``[0, N)``.
         w: (M, K) contiguous float weights.
+        block_k, block_d, num_warps: launch configuration (powers of two; ``block_k``
+            and ``block_d`` are capped at the next power of two of K and D). The defaults
+            were the fastest of ``bench/lookup_kernels.py --sweep`` on an H200 at N = 2^20,
+            T = 16384, K = 128, D = 1024, bf16 (docs/benchmarks.md, "GPU lookup kernels").
 
     Returns:
         (M, D) output in ``values.dtype``.
@@ -141,18 +151,25 @@ def lookup_forward(values: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> 
         return out
     if k == 0:
         return out.zero_()
-    block_d = min(next_power_of_2(d), 256)
-    block_k = min(next_power_of_2(k), 16)
+    block_d = min(next_power_of_2(d), block_d)
+    block_k = min(next_power_of_2(k), block_k)
     grid = (m, triton.cdiv(d, block_d))
     lookup_fwd_kernel[grid](
         values, idx, w, out, k, d, values.stride(0),
-        BLOCK_K=block_k, BLOCK_D=block_d, num_warps=_NUM_WARPS,
+        BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps,
     )  # fmt: skip
     return out
 
 
 def lookup_backward_weights(
-    values: torch.Tensor, idx: torch.Tensor, grad_out: torch.Tensor, w_dtype: torch.dtype
+    values: torch.Tensor,
+    idx: torch.Tensor,
+    grad_out: torch.Tensor,
+    w_dtype: torch.dtype,
+    *,
+    block_k: int = 32,
+    block_d: int = 128,
+    num_warps: int = 8,
 ) -> torch.Tensor:
     """Launch :func:`lookup_bwd_weights_kernel`.
 
@@ -161,6 +178,8 @@ def lookup_backward_weights(
         idx: (M, K) contiguous int64 slot ids.
         grad_out: (M, D) contiguous gradient of the output.
         w_dtype: dtype of the weights (and of the returned gradient).
+        block_k, block_d, num_warps: launch configuration, chosen as in
+            :func:`lookup_forward`.
 
     Returns:
         (M, K) gradient with respect to the weights.
@@ -172,12 +191,12 @@ def lookup_backward_weights(
         return gw
     if d == 0:
         return gw.zero_()
-    block_d = min(next_power_of_2(d), 256)
-    block_k = min(next_power_of_2(k), 16)
+    block_d = min(next_power_of_2(d), block_d)
+    block_k = min(next_power_of_2(k), block_k)
     grid = (m, triton.cdiv(k, block_k))
     lookup_bwd_weights_kernel[grid](
         values, idx, grad_out, gw, k, d, values.stride(0),
-        BLOCK_K=block_k, BLOCK_D=block_d, num_warps=_NUM_WARPS,
+        BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps,
     )  # fmt: skip
     return gw
 
@@ -188,6 +207,10 @@ def lookup_backward_values(
     grad_out: torch.Tensor,
     num_rows: int,
     dtype: torch.dtype,
+    *,
+    block_s: int = 4,
+    block_d: int = 1024,
+    num_warps: int = 2,
 ) -> torch.Tensor:
     """Sparse gradient with respect to the value table.
 
@@ -201,6 +224,8 @@ def lookup_backward_values(
         grad_out: (M, D) contiguous gradient of the output.
         num_rows: N, the number of rows of the value table.
         dtype: dtype of the value table (and of the gradient's values).
+        block_s, block_d, num_warps: launch configuration (contributions read at a
+            time, D tile, warps), chosen as in :func:`lookup_forward`.
 
     Returns:
         Coalesced sparse COO tensor of shape (N, D) with ``sparse_dim == 1``: indices
@@ -217,11 +242,11 @@ def lookup_backward_values(
     if n_unique > 0 and d > 0:
         seg = torch.zeros(n_unique + 1, dtype=torch.int64, device=device)
         torch.cumsum(counts, 0, out=seg[1:])
-        block_d = min(next_power_of_2(d), 512)
+        block_d = min(next_power_of_2(d), block_d)
         grid = (n_unique, triton.cdiv(d, block_d))
         lookup_bwd_values_kernel[grid](
             grad_out, w, perm, seg, rows, k, d,
-            BLOCK_S=8, BLOCK_D=block_d, num_warps=_NUM_WARPS,
+            BLOCK_S=block_s, BLOCK_D=block_d, num_warps=num_warps,
         )  # fmt: skip
     return torch.sparse_coo_tensor(
         uniq.unsqueeze(0), rows, (num_rows, d), is_coalesced=True, check_invariants=False

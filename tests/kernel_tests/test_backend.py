@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 def run_python(code: str, env: dict[str, str] | None = None, timeout: float = 120) -> str:
     """Run ``code`` in a fresh interpreter (TRITON_INTERPRET removed unless given)."""
     full_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    full_env["PYTHONSAFEPATH"] = "1"  # the checkout's knowedit/ folder must not shadow the install
     full_env.update(env or {})
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
