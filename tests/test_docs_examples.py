@@ -92,6 +92,8 @@ SUBSTITUTIONS: list[tuple[str, str, str]] = [
         ": not run: a test-suite command",
         "tests run in the suite itself (CI runs README line 3): not twice from here",
     ),
+    (r"^OUT=\S+ bash bench/gpu_check\.sh$", ": not run: needs a GPU",
+     "the GPU session script runs the compiled kernel tests and the GPU benchmark"),
     (r"^python bench/lookup_kernels\.py --json-out.*$", ": not run: needs a GPU",
      "the GPU benchmark times CUDA events; the next line of docs/kernels.md runs the same "
      "script's CPU smoke shapes"),
