@@ -37,7 +37,15 @@ from knowedit.ledger import (
     RowChange,
     is_in_memory,
 )
-from knowedit.locate import KeySearch, Location, SlotScore, locate, slots_by_pool, trace_fact
+from knowedit.locate import (
+    KeySearch,
+    Location,
+    SlotScore,
+    locate,
+    slots_by_pool,
+    trace_fact,
+    trace_facts,
+)
 from knowedit.side_files import CORPUS_FILE, STATS_DOCS_FILE, build_stats, load_background
 from knowedit.stats import SlotStats
 from knowedit.update import (
@@ -606,15 +614,15 @@ class Editor:
         """Locate the slots and optimise their rows against the live model (changes nothing)."""
         t0 = time.perf_counter()
         primary = [Example(r.prompt.strip(), r.target_new.strip()) for r in reqs]
-        cophrases = [self._cophrases(r, opts) for r in reqs]
+        cophrases = self._cophrases(reqs, opts)
         examples = [*primary, *(e for c in cophrases for e in c)]
         # A live edit of the same prompt is being replaced: its slots are not in the way.
         same = set().union(*(self._same_prompt_edits(r.prompt) for r in reqs))
         owned = {pool: {slot: eid for slot, eid in m.items() if eid not in same} for pool, m in self._owned().items()}
         picked: dict[tuple[str, int], SlotScore] = {}
         clash: dict[str, list[tuple[str, int]]] = {}
-        for r, ex, co in zip(reqs, primary, cophrases):
-            ranked = self._locate_all([ex, *co], r.subject, opts)
+        located = self._locate_all([([ex, *co], r.subject) for r, ex, co in zip(reqs, primary, cophrases)], opts)
+        for r, ranked in zip(reqs, located):
             for sc in ranked[: opts.top_t]:
                 eid = owned.get(sc.pool, {}).get(sc.slot)
                 if eid is not None and (sc.pool, sc.slot) not in clash.get(eid, []):
@@ -696,35 +704,52 @@ class Editor:
             ]
         return _Attempt(rows, metrics, conflicts, compute_ms)
 
-    def _cophrases(self, req: EditRequest, opts: EditOptions) -> list[Example]:
-        """Other phrasings of the same fact in the background corpus: documents
-        that name the subject and give the model's current answer to the prompt."""
-        if not (opts.cophrase and req.subject and self.docs):
-            return []
-        old = greedy(self.model, self.codec, [req.prompt])[0]  # inside the transaction: no refresh
-        if not old or old == req.target_new.strip():
-            return []
-        prompt = req.prompt.strip()
-        seen, out = {prompt}, []
-        for d in self.guards.docs_answering(old):
-            if req.subject in d.prompt and d.prompt not in seen:
-                seen.add(d.prompt)
-                out.append(Example(d.prompt, req.target_new.strip()))
+    def _cophrases(self, reqs: list[EditRequest], opts: EditOptions) -> list[list[Example]]:
+        """Per request, other phrasings of the same fact in the background corpus:
+        documents that name the subject and give the model's current answer to the
+        prompt (the current answers come from one batched greedy decode)."""
+        out: list[list[Example]] = [[] for _ in reqs]
+        if not (opts.cophrase and self.docs):
+            return out
+        ask = [i for i, r in enumerate(reqs) if r.subject]
+        olds = greedy(self.model, self.codec, [reqs[i].prompt for i in ask]) if ask else []  # no refresh: inside the transaction
+        for i, old in zip(ask, olds):
+            req = reqs[i]
+            if not old or old == req.target_new.strip():
+                continue
+            prompt = req.prompt.strip()
+            seen = {prompt}
+            for d in self.guards.docs_answering(old):
+                if req.subject in d.prompt and d.prompt not in seen:  # type: ignore[operator]
+                    seen.add(d.prompt)
+                    out[i].append(Example(d.prompt, req.target_new.strip()))
         return out
 
-    def _locate_all(self, examples: list[Example], subject: str | None, opts: EditOptions) -> list[SlotScore]:
-        """Candidate slots of every example, scores summed per slot, best first."""
-        total: dict[tuple[str, int], SlotScore] = {}
-        for ex in examples:
-            loc = self.locate(ex.prompt, ex.answer, subject, opts.widen, opts.use_subject, opts.idf_source, opts.layers)
-            for sc in loc.ranked:
-                cur = total.get((sc.pool, sc.slot))
-                if cur is None:
-                    total[(sc.pool, sc.slot)] = SlotScore(sc.pool, sc.slot, sc.score, sc.weight, sc.idf)
-                else:
-                    cur.score += sc.score
-                    cur.weight += sc.weight
-        return sorted(total.values(), key=lambda x: (-x.score, x.pool, x.slot))
+    def _locate_all(self, groups: list[tuple[list[Example], str | None]], opts: EditOptions) -> list[list[SlotScore]]:
+        """Per group of examples (a request and its co-phrasings, with the subject):
+        the candidate slots of every example, scores summed per slot, best first.
+        Every example is traced in one batched forward."""
+        facts = [(ex.prompt, ex.answer, subject) for examples, subject in groups for ex in examples]
+        traced = trace_facts(self.model, self.codec, facts, opts.use_subject)
+        layers = self._layer_filter(opts.layers)
+        out, k = [], 0
+        for examples, subject in groups:
+            total: dict[tuple[str, int], SlotScore] = {}
+            for ex in examples:
+                loc = locate(
+                    self.model, self.codec, self.search, self.stats, ex.prompt, ex.answer, subject, opts.widen,
+                    opts.use_subject, opts.idf_source, layers, traced=traced[k],
+                )
+                k += 1
+                for sc in loc.ranked:
+                    cur = total.get((sc.pool, sc.slot))
+                    if cur is None:
+                        total[(sc.pool, sc.slot)] = SlotScore(sc.pool, sc.slot, sc.score, sc.weight, sc.idf)
+                    else:
+                        cur.score += sc.score
+                        cur.weight += sc.weight
+            out.append(sorted(total.values(), key=lambda x: (-x.score, x.pool, x.slot)))
+        return out
 
     def _final_guards(self, pool: str, slots: torch.Tensor, editing: set[str], per_slot: int | None = None) -> Guards:
         """Positions that read ``slots`` in the last memory layer, except the

@@ -151,6 +151,42 @@ def trace_fact(
     return trace, positions
 
 
+def trace_facts(
+    model: MemoryLM, codec: TextCodec, facts: Sequence[tuple[str, str, str | None]], use_subject: bool
+) -> list[tuple[list[MemoryTrace], list[int]]]:
+    """:func:`trace_fact` for many (prompt, target, subject) facts in one forward.
+
+    The sequences are right-padded: the model is causal and its memory layers
+    are position-wise, so a position's trace does not depend on what follows it.
+    Each result's traces hold that fact's row alone (batch dimension 1).
+    """
+    encoded = [encode_pair(codec, p, t, model.cfg.max_seq_len) for p, t, _s in facts]
+    if not encoded:
+        return []
+    seqs = [p + a[:-1] for p, a in encoded]
+    width = max(len(x) for x in seqs)
+    device = next(model.parameters()).device
+    ids = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
+    for i, x in enumerate(seqs):
+        ids[i, : len(x)] = torch.tensor(x, device=device)
+    trace: list[MemoryTrace] = []
+    with torch.no_grad():
+        model(ids, trace=trace)
+    out = []
+    for i, ((p, a), (prompt, _t, subject)) in enumerate(zip(encoded, facts)):
+        positions = list(range(len(p) - 1, len(p) - 1 + len(a)))
+        if use_subject:
+            s = subject_last_token(codec, prompt, subject)
+            if s is not None and s not in positions:
+                positions.insert(0, s)
+        own = [
+            MemoryTrace(tr.layer, tr.pool, tr.query[i : i + 1], tr.slots[i : i + 1], tr.weights[i : i + 1])
+            for tr in trace
+        ]
+        out.append((own, positions))
+    return out
+
+
 def locate(
     model: MemoryLM,
     codec: TextCodec,
@@ -163,6 +199,7 @@ def locate(
     use_subject: bool = True,
     idf_source: str = "any",
     layers: Sequence[int] | None = None,
+    traced: tuple[list[MemoryTrace], list[int]] | None = None,
 ) -> Location:
     """Rank the slots that ``prompt`` reads while predicting ``target``.
 
@@ -175,13 +212,16 @@ def locate(
         use_subject: also search the query at the subject's last token.
         idf_source: background usage counted at ``any`` position or at ``answer`` positions.
         layers: memory layers (transformer layer indices) to search; None: all.
+        traced: this fact's :func:`trace_facts` result, if already computed.
 
     Raises:
         PromptError: for an empty, too long or untokenisable prompt/target.
     """
     if widen < 1:
         raise PromptError("widen must be >= 1")
-    trace, positions = trace_fact(model, codec, prompt, target, subject, use_subject)
+    if traced is None:
+        traced = trace_fact(model, codec, prompt, target, subject, use_subject)
+    trace, positions = traced
     weight: dict[str, torch.Tensor] = {}
     reads: dict[str, torch.Tensor] = {}
     for tr in trace:

@@ -181,7 +181,10 @@ class _FinalLayer:
     change ``D`` (t, d_v) to the rows of ``slots``.
 
     Selections, the unedited read and the gate are computed once; a row's read
-    then changes by ``A[r] @ D`` where ``A[r, j]`` is its total weight on slot j.
+    then changes by ``sum_i wt[r, i] * D[pos[r, i]]``: each row keeps only its reads
+    of the edited slots (``pos``, their index among ``slots``; padding points at an
+    extra zero row), so a step costs what the rows read of them, not ``rows x t``
+    (a batch edit's ``t`` runs into thousands).
     """
 
     def __init__(self, model: MemoryLM, x_mid: torch.Tensor, slots: torch.Tensor, selection: Selection | None = None) -> None:
@@ -193,16 +196,26 @@ class _FinalLayer:
             self.gate = gate
             self.resid = model.final_residual(x_mid)  # what the rows do not change: computed once
             self.read = lookup(mem.pool.values, ids, w.to(mem.pool.values.dtype), mem.cfg.backend).float()
-            pos = torch.searchsorted(slots, ids).clamp_(max=slots.numel() - 1)
-            hit = slots[pos] == ids
-            self.A = torch.zeros(ids.shape[0], slots.numel(), device=ids.device)
-            self.A.scatter_add_(1, pos, w * hit)  # (R, t)
+            t = slots.numel()
+            pos = torch.searchsorted(slots, ids).clamp_(max=max(t - 1, 0))
+            hit = slots[pos] == ids if t else torch.zeros_like(ids, dtype=torch.bool)
+            order = torch.argsort((~hit).to(torch.uint8), dim=1, stable=True)  # hits first
+            width = max(1, int(hit.sum(1).max())) if hit.numel() else 1
+            hit = hit.gather(1, order)[:, :width]
+            self.pos = torch.where(hit, pos.gather(1, order)[:, :width], t)  # (R, width)
+            self.wt = torch.where(hit, w.gather(1, order)[:, :width].float(), 0.0)  # (R, width)
+            self.t = t
+
+    def change(self, delta: torch.Tensor, sel: torch.Tensor | slice) -> torch.Tensor:
+        """(R', d_v) change of the read at rows ``sel`` for a row change ``delta`` (t, d_v)."""
+        ext = torch.cat([delta, delta.new_zeros(1, delta.shape[1])])  # row t: the padding
+        return F.embedding_bag(self.pos[sel], ext, per_sample_weights=self.wt[sel], mode="sum")
 
     def hidden(self, delta: torch.Tensor, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
         """Final normed hidden states (R', C) at ``rows`` (an index tensor or a slice;
         default all) for a row change ``delta`` (t, d_v)."""
         sel = slice(None) if rows is None else rows
-        read = self.read[sel] + self.A[sel] @ delta
+        read = self.read[sel] + self.change(delta, sel)
         return self.model.final_readout(self.x[sel], read, None if self.gate is None else self.gate[sel], self.resid[sel])
 
     def __call__(self, delta: torch.Tensor, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
@@ -225,7 +238,7 @@ class _GuardCheck:
     def __init__(self, run: _FinalLayer, offset: int, targets: torch.Tensor) -> None:
         self.run, self.offset = run, offset
         self.head_w = head_w = run.model.head.weight.detach()
-        zero = torch.zeros(run.A.shape[1], run.read.shape[1], device=run.A.device)
+        zero = torch.zeros(run.t, run.read.shape[1], device=run.read.device)
         self.hid0 = run.hidden(zero, slice(offset, None))  # (G, C) before the edit
         base_logits = run.model.head(self.hid0).float()
         self.G = base_logits.shape[0]
@@ -234,11 +247,18 @@ class _GuardCheck:
         self.tok = top.indices[:, 0]  # (G,) greedy tokens before the edit
         self.m0 = top.values[:, 0] - top.values[:, 1]  # full-vocabulary margins before the edit
         self.floor = top.values[:, -1]  # no token outside the candidates was above this
-        cand = torch.cat([top.indices[:, 1:n_top], targets.unique().expand(self.G, -1)], dim=1)  # (G, c) rivals
+        cand = top.indices[:, 1:n_top]  # (G, c) each guard's own rivals
         # Column 0 is the guard's own token: own and rival logits come from one
         # product, so a tie reads as a zero margin, never as a flip.
         self.w_cand = head_w[torch.cat([self.tok[:, None], cand], dim=1)]  # (G, 1 + c, C)
         self.ignore = torch.zeros(cand.shape, device=cand.device).masked_fill_(cand == self.tok[:, None], float("-inf"))
+        # The edits' targets are every guard's rivals: one (U, C) table scored by a
+        # product, not copied per guard (a batch edit has hundreds of targets).
+        tgt_tok = targets.unique()
+        self.w_tgt = head_w[tgt_tok]  # (U, C)
+        self.tgt_ignore = torch.zeros(self.G, tgt_tok.numel(), device=cand.device).masked_fill_(
+            tgt_tok[None, :] == self.tok[:, None], float("-inf")
+        )
         self.ex_row = torch.zeros(0, dtype=torch.long, device=cand.device)
         self.ex_tok = torch.zeros(0, dtype=torch.long, device=cand.device)
         self.w_max = float(head_w.norm(dim=1).max())
@@ -256,6 +276,8 @@ class _GuardCheck:
         lg = torch.einsum("rd,rcd->rc", hid, self.w_cand[sel])
         own = lg[:, 0]
         rival = (lg[:, 1:] + self.ignore[sel]).amax(1)
+        if self.w_tgt.shape[0]:
+            rival = torch.maximum(rival, (hid @ self.w_tgt.T + self.tgt_ignore[sel]).amax(1))
         if self.ex_row.numel():
             if rows is None:
                 pos, tok = self.ex_row, self.ex_tok

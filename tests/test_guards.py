@@ -58,7 +58,7 @@ def test_background_cache_matches_a_fresh_forward_and_respects_its_bound(editor:
 def test_guard_budget_bounds_the_guards_and_zero_guards_every_reader(editor: Editor) -> None:
     req = load_records(editor.ck.path / "edits.jsonl")[0]
     ex = Example(req.prompt, req.target_new)
-    ranked = editor._locate_all([ex], req.subject, EditOptions())
+    ranked = editor._locate_all([([ex], req.subject)], EditOptions())[0]
     pool, slots = next(iter(slots_by_pool(ranked[:64]).items()))
     assert editor.stats is not None
     _, doc, pos, _ = editor.stats.reads(pool, slots)

@@ -30,7 +30,7 @@ def setup(tiny_ckpt: Path, tmp_path: Path):
     ed = Editor.open(out)
     req = load_records(out / "edits.jsonl")[0]
     ex = Example(req.prompt, req.target_new)
-    ranked = ed._locate_all([ex], req.subject, EditOptions())
+    ranked = ed._locate_all([([ex], req.subject)], EditOptions())[0]
     pool, slots = next(iter(slots_by_pool(ranked[:64]).items()))
     guards = ed._final_guards(pool, slots, {ex.prompt})
     yield ed, ex, slots, guards
@@ -56,7 +56,7 @@ def test_full_guard_check_flags_exactly_the_flipped_guards(setup) -> None:
     flipped_somewhere = False
     with torch.no_grad():
         for scale in (0.0, 0.3, 1.0, 3.0, 10.0):
-            delta = scale * torch.randn(run.A.shape[1], run.read.shape[1], generator=gen)
+            delta = scale * torch.randn(run.t, run.read.shape[1], generator=gen)
             exact = margins(run(delta, slice(M, None)), check.tok)
             fast = check.margins(delta, full=True)
             # The sign is exact everywhere; the value is exact wherever a guard flipped.
@@ -67,12 +67,34 @@ def test_full_guard_check_flags_exactly_the_flipped_guards(setup) -> None:
     assert flipped_somewhere  # the large changes did flip guards: the check was tested
 
 
+def test_read_change_equals_the_dense_weight_matrix_product(setup) -> None:
+    """The compressed reads (each row's hits on the edited slots) give what the dense
+    (rows x t) matrix of read weights gives, also for a batch-sized slot set."""
+    ed, ex, slots, guards = setup
+    x = guards.x_mid
+    ids, w, _gate = final_selection(ed.model, x)
+    gen = torch.Generator().manual_seed(2)
+    wide = torch.unique(torch.cat([slots, torch.randint(0, ed.model.final_memory().pool.n_slots, (1500,), generator=gen)]))
+    for s in (slots, wide, slots[:1]):
+        run = _FinalLayer(ed.model, x, s)
+        dense = torch.zeros(x.shape[0], s.numel())
+        for j, slot in enumerate(s.tolist()):
+            dense[:, j] = (w * (ids == slot)).sum(1)
+        delta = torch.randn(s.numel(), run.read.shape[1], generator=gen)
+        rows = torch.randperm(x.shape[0], generator=gen)[:50]
+        with torch.no_grad():
+            assert torch.allclose(run.change(delta, slice(None)), dense @ delta, atol=1e-4)
+            assert torch.allclose(run.change(delta, rows), dense[rows] @ delta, atol=1e-4)
+        if s is slots:  # the guards read the edit's slots: the test compares non-zero reads
+            assert bool((dense.sum(1) > 0).all())
+
+
 def test_guard_margins_on_a_subset_equal_the_same_rows_of_all(setup) -> None:
     ed, ex, slots, guards = setup
     run, check, M = _layer(ed, ex, slots, guards)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        delta = 10.0 * torch.randn(run.A.shape[1], run.read.shape[1], generator=gen)
+        delta = 10.0 * torch.randn(run.t, run.read.shape[1], generator=gen)
         exact = run(delta, slice(M, None))
         lost = torch.nonzero(margins(exact, check.tok) < 0).flatten()
         assert lost.numel()
