@@ -206,6 +206,15 @@ class _FinalLayer:
             self.wt = torch.where(hit, w.gather(1, order)[:, :width].float(), 0.0)  # (R, width)
             self.t = t
 
+    def take(self, rows: torch.Tensor) -> _FinalLayer:
+        """The same layer at rows ``rows`` only (nothing recomputed)."""
+        out = _FinalLayer.__new__(_FinalLayer)
+        out.model, out.mem, out.t = self.model, self.mem, self.t
+        out.x, out.resid, out.read = self.x[rows], self.resid[rows], self.read[rows]
+        out.gate = None if self.gate is None else self.gate[rows]
+        out.pos, out.wt = self.pos[rows], self.wt[rows]
+        return out
+
     def change(self, delta: torch.Tensor, sel: torch.Tensor | slice) -> torch.Tensor:
         """(R', d_v) change of the read at rows ``sel`` for a row change ``delta`` (t, d_v)."""
         ext = torch.cat([delta, delta.new_zeros(1, delta.shape[1])])  # row t: the padding
@@ -262,6 +271,21 @@ class _GuardCheck:
         self.ex_row = torch.zeros(0, dtype=torch.long, device=cand.device)
         self.ex_tok = torch.zeros(0, dtype=torch.long, device=cand.device)
         self.w_max = float(head_w.norm(dim=1).max())
+
+    def take(self, rows: torch.Tensor) -> _GuardCheck:
+        """The check of guards ``rows`` alone, gathered once: margins on a fixed
+        subset (the optimiser's active guards) then cost what that subset does."""
+        out = _GuardCheck.__new__(_GuardCheck)
+        out.run, out.offset, out.G = self.run.take(self.offset + rows), 0, rows.numel()
+        out.head_w, out.w_max, out.w_tgt = self.head_w, self.w_max, self.w_tgt
+        for name in ("hid0", "tok", "m0", "floor", "w_cand", "ignore", "tgt_ignore"):
+            setattr(out, name, getattr(self, name)[rows])
+        where = torch.full((self.G,), -1, dtype=torch.long, device=rows.device)
+        where[rows] = torch.arange(rows.numel(), device=rows.device)
+        pos = where[self.ex_row]
+        keep = pos >= 0
+        out.ex_row, out.ex_tok = pos[keep], self.ex_tok[keep]
+        return out
 
     def add_rivals(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
         """Score guards ``rows`` on one more rival token each from now on."""
@@ -444,6 +468,9 @@ def final_layer_rows(
     # re-checked (forward only) every few steps and whenever the edit looks done;
     # the check when done scores the whole vocabulary where a guard could flip.
     active = torch.zeros(G, dtype=torch.bool, device=device)
+    a_check: _GuardCheck | None = None  # the active guards' own check (gathered when the set changes)
+    a_keep = g_keep[:0]
+    n_rivals = 0
     steps, flips, done = 0, 0, False
     logits = base_logits
     if basis.shape[1] > 0:
@@ -457,7 +484,8 @@ def final_layer_rows(
                 # Co-phrasings get up to ``cophrase_steps``; the prompt itself the whole budget.
                 done = bool(ok_now.all()) or (bool(ok_now[:n_primary].all()) and steps >= opts.cophrase_steps)
                 last = steps == opts.max_steps
-                if G and (done or steps % 8 == 0 or last):
+                # (At step 0 nothing has moved: every guard keeps its own margin.)
+                if G and (done or (steps % 8 == 0 and steps > 0) or last):
                     with torch.no_grad():
                         g_m = check.margins(delta)
                         lost = torch.nonzero(~(g_m >= 0)).flatten()  # NaN counts as flipped
@@ -469,14 +497,17 @@ def final_layer_rows(
                     flips = int(lost.numel())
                     if (done and flips == 0) or last:
                         break
-                    active |= ~(g_m >= g_keep)  # guards that lost margin join the loss
+                    grown = active | ~(g_m >= g_keep)  # guards that lost margin join the loss
+                    if not torch.equal(grown, active) or check.ex_row.numel() != n_rivals:
+                        active, n_rivals = grown, check.ex_row.numel()
+                        a_idx = torch.nonzero(active).flatten()
+                        a_check, a_keep = check.take(a_idx), g_keep[a_idx]
                 elif (done and not G) or last:
                     break
                 loss = (F.cross_entropy(logits, tgt, reduction="none") * weight).sum() / weight.sum()
-                if opts.locality_weight > 0 and active.any():
-                    a_idx = torch.nonzero(active).flatten()
-                    g_now = check.margins(delta, a_idx)
-                    loss = loss + opts.locality_weight * F.relu(g_keep[a_idx] - g_now).sum() / M
+                if opts.locality_weight > 0 and a_check is not None and a_check.G:
+                    g_now = a_check.margins(delta)
+                    loss = loss + opts.locality_weight * F.relu(a_keep - g_now).sum() / M
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -102,6 +102,12 @@ def test_guard_margins_on_a_subset_equal_the_same_rows_of_all(setup) -> None:
         everything = check.margins(delta)
         rows = torch.randperm(check.G, generator=gen)[: check.G // 3]
         assert torch.allclose(check.margins(delta, rows), everything[rows], atol=1e-5)
+        # A check gathered for the subset once (the optimiser's active guards) agrees,
+        # the later rivals of its guards included.
+        sub = check.take(rows)
+        assert sub.G == rows.numel() and sub.ex_row.numel() == int(torch.isin(check.ex_row, rows).sum())
+        assert torch.allclose(sub.margins(delta), everything[rows], atol=1e-5)
+        assert torch.equal(sub.margins(delta, full=True) < 0, check.margins(delta, full=True)[rows] < 0)
         # With its new rival on the candidate list, a flipped guard's margin is exact.
         assert torch.allclose(everything[lost], margins(exact[lost], check.tok[lost]), atol=1e-4)
 
