@@ -20,6 +20,11 @@ sentences larger. That isolates how an edit's cost grows with the background.
     python bench/edit_scale.py --model runs/small --n 200 --threads 1
     python bench/edit_scale.py --model runs/small --n 200 --threads 1 --background-extra 100000
     python bench/edit_scale.py --model runs/small --n 200 --threads 1 --option guard_reads=0
+
+``--batch N`` applies the edits N at a time (:meth:`Editor.edit_batch`, one ledger
+event each) and reports per-batch times. ``--min-answer-tokens N`` keeps only the
+records whose new target is N or more tokens (answer tokens, the end-of-text token
+not counted) under the model's tokenizer, for the long-answer measurement.
 """
 
 from __future__ import annotations
@@ -75,6 +80,8 @@ def main() -> None:
     ap.add_argument("--background-extra", type=int, default=0, help="sentences of an unseen world added to the background")
     ap.add_argument("--loc-sample", type=int, default=2000, help="background sentences for Loc-bg")
     ap.add_argument("--option", action="append", default=[], help="edit option KEY=VALUE (repeatable)")
+    ap.add_argument("--batch", type=int, default=1, help="edits per batch edit (1: one at a time)")
+    ap.add_argument("--min-answer-tokens", type=int, default=0, help="only targets of at least N tokens")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=None, help="where the model copy goes (default: a temp dir)")
@@ -95,7 +102,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="edit_scale.", dir=args.workdir))
     model = work / "model"
     shutil.copytree(args.model, model, ignore=shutil.ignore_patterns("ledger.db*"))
-    reqs = load_records(args.edits or (args.model / "edits.jsonl"))[: args.n]
+    reqs = load_records(args.edits or (args.model / "edits.jsonl"))
+    if args.min_answer_tokens:
+        from knowedit.checkpoint import load_checkpoint
+
+        codec = load_checkpoint(model).codec
+        reqs = [r for r in reqs if len(codec.encode_answer(r.target_new, eos=False)) >= args.min_answer_tokens]
+    reqs = reqs[: args.n]
     if len(reqs) < args.n:
         sys.exit(f"only {len(reqs)} records for --n {args.n}")
     if args.background_extra:
@@ -122,16 +135,24 @@ def main() -> None:
 
     marks = sorted({int(c) for c in args.checkpoints.split(",") if c} | {args.n})
     times, guards, steps, ok, rss = [], [], [], 0, {}
-    for i, r in enumerate(reqs, 1):
+    size = max(1, args.batch)
+    for start in range(0, len(reqs), size):
+        chunk = reqs[start : start + size]
+        i = start + len(chunk)
         t = time.perf_counter()
-        rec = ed.apply(r, allow_failed=True, **options)
+        if size == 1:
+            rec = ed.apply(chunk[0], allow_failed=True, **options)
+            ok += bool(rec.metrics["success"])
+        else:
+            rec = ed.edit_batch(chunk, allow_failed=True, **options)
+            ok += sum(bool(q["success"]) for q in rec.metrics["requests"])
         times.append((time.perf_counter() - t) * 1000)
         guards.append(rec.metrics["guards"])
         steps.append(rec.metrics["steps"])
-        ok += bool(rec.metrics["success"])
-        if i in marks:
-            rss[i] = round(peak_rss_mb(), 1)
-        if i % 50 == 0:
+        for m in marks:
+            if start < m <= i:
+                rss[m] = round(peak_rss_mb(), 1)
+        if i % 50 < size:
             print(f"{i}/{args.n} edits, median {statistics.median(times[1:] or times):.1f} ms, peak RSS {peak_rss_mb():.0f} MB", file=sys.stderr)
 
     rel, gen = reliability(scorer, reqs), generalization(scorer, reqs)
@@ -152,6 +173,8 @@ def main() -> None:
         "edits": str(args.edits or (args.model / "edits.jsonl")),
         "T": args.n,
         "options": options,
+        "batch": size,
+        "min_answer_tokens": args.min_answer_tokens,
         "background_docs": n_background,
         "background_extra": args.background_extra,
         "open_s": round(stats_s, 2),

@@ -77,6 +77,10 @@ class WorldConfig:
     held_out: int = 1
     objects_per_relation: int = 24
     seed: int = 0
+    answers: str = "words"
+    """``words``: each relation's objects are its built-in words (Paris, piano, ...);
+    ``names``: generated two-word names instead (multi-token answers, up to 500 per
+    relation), for a long-answer world."""
 
 
 @dataclass

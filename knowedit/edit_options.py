@@ -17,6 +17,10 @@ class EditOptions:
 
     top_t: int = 64
     """Value rows to update."""
+    retry_top_t: int = 128
+    """An edit (or batch) that does not pass with ``top_t`` rows is computed once more
+    with this many, located afresh (0, or not above ``top_t``: no second try). Long
+    answers read more rows than one-token ones; the second try costs only where needed."""
     layers: str = "last"
     """Memory layers whose slots may change: ``last`` (the last block's memory layer;
     fast, since everything before it is frozen) or ``all``. On a model whose last block
@@ -89,6 +93,7 @@ class EditOptions:
         opts = cls(**options)  # type: ignore[arg-type]
         checks = [
             (opts.top_t >= 1, "top_t must be >= 1"),
+            (opts.retry_top_t >= 0, "retry_top_t must be >= 0"),
             (opts.widen >= 1, "widen must be >= 1"),
             (opts.max_steps >= 0, "max_steps must be >= 0"),
             (opts.cophrase_steps >= 0, "cophrase_steps must be >= 0"),

@@ -611,7 +611,23 @@ class Editor:
         )
 
     def _attempt(self, reqs: list[EditRequest], opts: EditOptions) -> _Attempt:
-        """Locate the slots and optimise their rows against the live model (changes nothing)."""
+        """Locate the slots and optimise their rows against the live model (changes nothing).
+
+        If the edit does not pass with ``top_t`` rows and ``retry_top_t`` is larger, it
+        is computed once more with that many (``metrics["top_t"]`` says which counted,
+        ``metrics["retried"]`` whether there was a second try; the time is both's)."""
+        att = self._attempt_once(reqs, opts)
+        if att.metrics["success"] or opts.retry_top_t <= opts.top_t:
+            return att
+        wider = self._attempt_once(reqs, replace(opts, top_t=opts.retry_top_t, retry_top_t=0))
+        wider.compute_ms += att.compute_ms
+        wider.metrics["compute_ms"] = round(wider.compute_ms, 2)
+        wider.metrics["steps"] += att.metrics["steps"]
+        wider.metrics["retried"] = True
+        return wider
+
+    def _attempt_once(self, reqs: list[EditRequest], opts: EditOptions) -> _Attempt:
+        """One try of :meth:`_attempt` with ``opts.top_t`` rows."""
         t0 = time.perf_counter()
         primary = [Example(r.prompt.strip(), r.target_new.strip()) for r in reqs]
         cophrases = self._cophrases(reqs, opts)
@@ -695,6 +711,8 @@ class Editor:
             "cophrases_passed": res.edits_passed - sum(res.passed[: len(reqs)]) if res.passed else res.edits_passed - int(res.success),
             "compute_ms": round(compute_ms, 2),
             "conflicts": conflicts,
+            "top_t": opts.top_t,
+            "retried": False,
         }
         if len(reqs) > 1:
             assert res.passed is not None

@@ -77,11 +77,30 @@ def test_held_out_phrasings_are_never_trained_for_their_fact(held_out: int) -> N
         {"phrasings": 0},
         {"held_out": 4},
         {"objects_per_relation": 1},
+        {"objects_per_relation": 31},
+        {"answers": "names", "objects_per_relation": 501},
+        {"answers": "sentences"},
     ],
 )
 def test_world_rejects_bad_sizes(change: dict) -> None:
     with pytest.raises(ValueError):
         make_world(WorldConfig(**{**WORLD.__dict__, **change}))
+
+
+def test_named_answers_world_keeps_the_subjects_and_has_multiword_objects() -> None:
+    words = make_world(WORLD)
+    names = make_world(WorldConfig(**{**WORLD.__dict__, "answers": "names", "objects_per_relation": 100}))
+    assert [f.subject for f in names.facts] == [f.subject for f in words.facts]
+    subjects = {f.subject for f in names.facts}
+    objects = [o for objs in names.objects.values() for o in objs]
+    assert len(objects) == len(set(objects)) == 100 * len(names.objects)  # distinct across relations
+    assert not subjects & set(objects)
+    assert all(len(o.split()) == 2 for o in objects)
+    assert all(f.object in names.objects[f.relation] for f in names.facts)
+    again = make_world(WorldConfig(**{**WORLD.__dict__, "answers": "names", "objects_per_relation": 100}))
+    assert again.facts == names.facts  # deterministic from the seed
+    reqs = names.edit_requests(20)
+    assert all(r.target_new in names.objects[r.case_id and names.facts[int(r.case_id)].relation] for r in reqs)
 
 
 def test_edit_requests_are_valid_edits() -> None:

@@ -144,3 +144,19 @@ def test_bad_input_changes_nothing(model_dir: Path, prompt: str, target: str, er
 def test_not_a_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError):
         Editor.open(tmp_path)
+
+
+def test_an_edit_that_fails_with_top_t_rows_is_retried_with_retry_top_t(model_dir: Path) -> None:
+    ed = Editor.open(model_dir)
+    req = load_records(model_dir / "edits.jsonl")[0]
+    before = _state(ed)
+    # One row and 20 steps: the first try cannot pass, and without a retry nothing is written.
+    with pytest.raises(EditError, match="did not reach its target"):
+        ed.edit(req.prompt, req.target_new, subject=req.subject, top_t=1, max_steps=20, retry_top_t=0)
+    assert all(torch.equal(before[k], v) for k, v in _state(ed).items())
+    rec = ed.edit(req.prompt, req.target_new, subject=req.subject, top_t=1, max_steps=20, retry_top_t=64)
+    assert rec.metrics["retried"] and rec.metrics["top_t"] == 64 and rec.metrics["success"]
+    assert len(rec.slots) > 1  # the second try used more than the first try's one row
+    assert ed.ask(req.prompt) == req.target_new
+    ok = ed.edit(req.rephrase_prompt[0], req.target_new, subject=req.subject)
+    assert not ok.metrics["retried"] and ok.metrics["top_t"] == 64

@@ -136,6 +136,27 @@ class FactWorld:
         return out
 
 
+MAX_NAMED_OBJECTS = 500
+"""Most generated objects per relation (``answers="names"``)."""
+
+
+def _named_objects(cfg: WorldConfig, subjects: set[str]) -> dict[str, list[str]]:
+    """Per relation, ``objects_per_relation`` distinct generated names, none of them
+    a subject's (their own random stream, so the subjects are the ``words`` world's)."""
+    rng = random.Random(f"objects-{cfg.seed}")
+    taken = set(subjects)
+    out: dict[str, list[str]] = {}
+    for rel, _phr, _pool in RELATIONS[: cfg.relations]:
+        objs: list[str] = []
+        while len(objs) < cfg.objects_per_relation:
+            n = _name(rng)
+            if n not in taken:
+                taken.add(n)
+                objs.append(n)
+        out[rel] = objs
+    return out
+
+
 def make_world(cfg: WorldConfig | None = None) -> FactWorld:
     """Generate a world of ``entities x relations`` facts, deterministic from ``cfg.seed``.
 
@@ -148,8 +169,11 @@ def make_world(cfg: WorldConfig | None = None) -> FactWorld:
     max_phr = min(len(r[1]) for r in RELATIONS)
     if not 1 <= cfg.phrasings <= max_phr or not 0 <= cfg.held_out < cfg.phrasings:
         raise ConfigError(f"world.phrasings must be 1..{max_phr} and held_out below it")
-    if not 2 <= cfg.objects_per_relation <= min(len(r[2]) for r in RELATIONS):
-        raise ConfigError("world.objects_per_relation out of range")
+    if cfg.answers not in ("words", "names"):
+        raise ConfigError(f"world.answers must be 'words' or 'names', not {cfg.answers!r}")
+    most = MAX_NAMED_OBJECTS if cfg.answers == "names" else min(len(r[2]) for r in RELATIONS)
+    if not 2 <= cfg.objects_per_relation <= most:
+        raise ConfigError(f"world.objects_per_relation must be 2..{most} with answers={cfg.answers}")
     rng = random.Random(cfg.seed)
     names: set[str] = set()
     subjects: list[str] = []
@@ -160,9 +184,10 @@ def make_world(cfg: WorldConfig | None = None) -> FactWorld:
             subjects.append(n)
     facts = []
     objects = {}
+    named = _named_objects(cfg, names) if cfg.answers == "names" else {}
     for rel, phrasings, pool in RELATIONS[: cfg.relations]:
         phr = phrasings[: cfg.phrasings]
-        objs = pool[: cfg.objects_per_relation]
+        objs = named[rel] if named else pool[: cfg.objects_per_relation]
         objects[rel] = objs
         for s in subjects:
             held = set(rng.sample(range(len(phr)), cfg.held_out))
