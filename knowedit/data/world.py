@@ -145,15 +145,17 @@ def _named_objects(cfg: WorldConfig, subjects: set[str]) -> dict[str, list[str]]
     a subject's (their own random stream, so the subjects are the ``words`` world's)."""
     rng = random.Random(f"objects-{cfg.seed}")
     taken = set(subjects)
-    out: dict[str, list[str]] = {}
-    for rel, _phr, _pool in RELATIONS[: cfg.relations]:
-        objs: list[str] = []
-        while len(objs) < cfg.objects_per_relation:
-            n = _name(rng)
-            if n not in taken:
-                taken.add(n)
-                objs.append(n)
-        out[rel] = objs
+    return {rel: _new_names(rng, cfg.objects_per_relation, taken) for rel, _phr, _pool in RELATIONS[: cfg.relations]}
+
+
+def _new_names(rng: random.Random, n: int, taken: set[str]) -> list[str]:
+    """``n`` generated names not in ``taken`` (added to it), in the order drawn."""
+    out: list[str] = []
+    while len(out) < n:
+        name = _name(rng)
+        if name not in taken:
+            taken.add(name)
+            out.append(name)
     return out
 
 
@@ -176,12 +178,7 @@ def make_world(cfg: WorldConfig | None = None) -> FactWorld:
         raise ConfigError(f"world.objects_per_relation must be 2..{most} with answers={cfg.answers}")
     rng = random.Random(cfg.seed)
     names: set[str] = set()
-    subjects: list[str] = []
-    while len(subjects) < cfg.entities:
-        n = _name(rng)
-        if n not in names:
-            names.add(n)
-            subjects.append(n)
+    subjects = _new_names(rng, cfg.entities, names)
     facts = []
     objects = {}
     named = _named_objects(cfg, names) if cfg.answers == "names" else {}
