@@ -588,6 +588,7 @@ class Editor:
         m = att.metrics
         if m["success"]:
             return
+        tries = f", also with {m['top_t']} rows" if m.get("retried") else ""
         rule = (
             f"success needs every target token to be the argmax with probability >= {opts.min_prob} and the "
             "guards kept). Nothing was written. Give it more steps (max_steps, --max-steps) or keep it anyway "
@@ -597,7 +598,7 @@ class Editor:
             req = reqs[0]
             raise EditFailed(
                 f"edit not applied: {req.prompt!r} -> {req.target_new!r} did not reach its target "
-                f"(probability {m['prob_after']:.4f} after {m['steps']} step(s); {rule}",
+                f"(probability {m['prob_after']:.4f} after {m['steps']} step(s){tries}; {rule}",
                 req,
                 dict(m),
             )
@@ -605,7 +606,7 @@ class Editor:
         which = "; ".join(f"request {i + 1} ({r.prompt!r} -> {r.target_new!r})" for i, r in bad)
         raise EditFailed(
             f"batch not applied: {len(bad)} of {len(reqs)} request(s) did not reach their targets after "
-            f"{m['steps']} step(s): {which} ({rule}",
+            f"{m['steps']} step(s){tries}: {which} ({rule}",
             bad[0][1],
             dict(m),
         )
@@ -614,16 +615,17 @@ class Editor:
         """Locate the slots and optimise their rows against the live model (changes nothing).
 
         If the edit does not pass with ``top_t`` rows and ``retry_top_t`` is larger, it
-        is computed once more with that many (``metrics["top_t"]`` says which counted,
-        ``metrics["retried"]`` whether there was a second try; the time is both's)."""
+        is computed once more with that many: ``metrics`` are the second try's
+        (``top_t`` says which counted, ``retried`` whether there was a second try,
+        ``first_try_steps`` its steps); ``compute_ms`` is both tries'."""
         att = self._attempt_once(reqs, opts)
         if att.metrics["success"] or opts.retry_top_t <= opts.top_t:
             return att
         wider = self._attempt_once(reqs, replace(opts, top_t=opts.retry_top_t, retry_top_t=0))
         wider.compute_ms += att.compute_ms
         wider.metrics["compute_ms"] = round(wider.compute_ms, 2)
-        wider.metrics["steps"] += att.metrics["steps"]
         wider.metrics["retried"] = True
+        wider.metrics["first_try_steps"] = att.metrics["steps"]
         return wider
 
     def _attempt_once(self, reqs: list[EditRequest], opts: EditOptions) -> _Attempt:

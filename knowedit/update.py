@@ -45,7 +45,25 @@ class UpdateResult:
 def margins(logits: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
     """(R,) logit of ``tok`` minus the best other logit, per row of (R, V) ``logits``."""
     own = logits.gather(1, tok[:, None]).squeeze(1)
-    return own - logits.scatter(1, tok[:, None], float("-inf")).amax(1)
+    top = logits.topk(min(2, logits.shape[1]), dim=1)  # no (R, V) copy with ``tok`` masked out
+    if top.values.shape[1] < 2:
+        return own - float("-inf")
+    other = torch.where(top.indices[:, 0] == tok, top.values[:, 1], top.values[:, 0])
+    return own - other
+
+
+HEAD_CHUNK = 4096
+"""Rows whose whole-vocabulary logits are computed at a time (bounds the (rows, V) buffer)."""
+
+
+def head_margins(model: MemoryLM, hid: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+    """:func:`margins` of the head's logits at final hidden states ``hid`` (R, C), a
+    chunk of rows at a time."""
+    parts = [
+        margins(model.head(hid[s : s + HEAD_CHUNK]).float(), tok[s : s + HEAD_CHUNK])
+        for s in range(0, hid.shape[0], HEAD_CHUNK)
+    ]
+    return torch.cat(parts) if parts else hid.new_zeros(0)
 
 
 def _target_stats(logits: torch.Tensor, tgt: torch.Tensor) -> tuple[bool, float, float]:
@@ -249,14 +267,19 @@ class _GuardCheck:
         self.head_w = head_w = run.model.head.weight.detach()
         zero = torch.zeros(run.t, run.read.shape[1], device=run.read.device)
         self.hid0 = run.hidden(zero, slice(offset, None))  # (G, C) before the edit
-        base_logits = run.model.head(self.hid0).float()
-        self.G = base_logits.shape[0]
-        n_top = min(8, base_logits.shape[1])
-        top = base_logits.topk(max(2, n_top), dim=-1)
-        self.tok = top.indices[:, 0]  # (G,) greedy tokens before the edit
-        self.m0 = top.values[:, 0] - top.values[:, 1]  # full-vocabulary margins before the edit
-        self.floor = top.values[:, -1]  # no token outside the candidates was above this
-        cand = top.indices[:, 1:n_top]  # (G, c) each guard's own rivals
+        self.G = self.hid0.shape[0]
+        n_top = min(8, head_w.shape[0])
+        # The whole vocabulary's logits a chunk of guards at a time: only their top ones are kept.
+        tops = [
+            run.model.head(self.hid0[s : s + HEAD_CHUNK]).float().topk(max(2, n_top), dim=-1)
+            for s in range(0, self.G, HEAD_CHUNK)
+        ]
+        top_v = torch.cat([t.values for t in tops]) if tops else self.hid0.new_zeros(0, max(2, n_top))
+        top_i = torch.cat([t.indices for t in tops]) if tops else torch.zeros(0, max(2, n_top), dtype=torch.long, device=self.hid0.device)
+        self.tok = top_i[:, 0]  # (G,) greedy tokens before the edit
+        self.m0 = top_v[:, 0] - top_v[:, 1]  # full-vocabulary margins before the edit
+        self.floor = top_v[:, -1]  # no token outside the candidates was above this
+        cand = top_i[:, 1:n_top]  # (G, c) each guard's own rivals
         # Column 0 is the guard's own token: own and rival logits come from one
         # product, so a tie reads as a zero margin, never as a flip.
         self.w_cand = head_w[torch.cat([self.tok[:, None], cand], dim=1)]  # (G, 1 + c, C)
@@ -320,7 +343,7 @@ class _GuardCheck:
             risky = torch.nonzero(~(own - outside > 0)).flatten()  # NaN counts as risky
             if risky.numel():
                 m = m.clone()
-                m[risky] = margins(self.run.model.head(hid[risky]).float(), self.tok[sel][risky])
+                m[risky] = head_margins(self.run.model, hid[risky], self.tok[sel][risky])
         return m
 
     def rivals(self, delta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -156,6 +156,7 @@ def test_an_edit_that_fails_with_top_t_rows_is_retried_with_retry_top_t(model_di
     assert all(torch.equal(before[k], v) for k, v in _state(ed).items())
     rec = ed.edit(req.prompt, req.target_new, subject=req.subject, top_t=1, max_steps=20, retry_top_t=64)
     assert rec.metrics["retried"] and rec.metrics["top_t"] == 64 and rec.metrics["success"]
+    assert rec.metrics["first_try_steps"] == 20  # the one-row try spent its budget
     assert len(rec.slots) > 1  # the second try used more than the first try's one row
     assert ed.ask(req.prompt) == req.target_new
     ok = ed.edit(req.rephrase_prompt[0], req.target_new, subject=req.subject)

@@ -47,7 +47,7 @@ def test_1_a_failed_edit_changes_nothing_and_exits_non_zero(model_dir: Path, run
             "--max-steps", "1", "--json"]
     result = runner.invoke(app, args)
     text = clean_failure(result, "edit not applied", repr(r.prompt), repr(r.target_new), "probability", "--allow-failed")
-    assert "after 1 step(s)" in text
+    assert "after 1 step(s), also with 128 rows" in text  # the second try, with retry_top_t rows, failed too
     assert result.stdout == ""  # no record printed for an edit that was not made
     assert tree(model_dir) == before
     assert (model_dir / LEDGER_FILE).exists() == with_ledger  # a failed first edit creates no ledger
