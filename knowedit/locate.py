@@ -138,17 +138,7 @@ def trace_fact(
     model: MemoryLM, codec: TextCodec, prompt: str, target: str, subject: str | None, use_subject: bool
 ) -> tuple[list[MemoryTrace], list[int]]:
     """Teacher-forced forward of prompt + target; returns traces and the query positions."""
-    p, a = encode_pair(codec, prompt, target, model.cfg.max_seq_len)
-    ids = torch.tensor([p + a[:-1]], device=next(model.parameters()).device)
-    positions = list(range(len(p) - 1, len(p) - 1 + len(a)))
-    if use_subject:
-        s = subject_last_token(codec, prompt, subject)
-        if s is not None and s not in positions:
-            positions.insert(0, s)
-    trace: list[MemoryTrace] = []
-    with torch.no_grad():
-        model(ids, trace=trace)
-    return trace, positions
+    return trace_facts(model, codec, [(prompt, target, subject)], use_subject)[0]
 
 
 def trace_facts(
