@@ -8,7 +8,7 @@ unrelated facts that read the same slots (KL to their pre-edit distribution).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -56,13 +56,17 @@ HEAD_CHUNK = 4096
 """Rows whose whole-vocabulary logits are computed at a time (bounds the (rows, V) buffer)."""
 
 
+def head_chunks(model: MemoryLM, hid: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+    """The head's whole-vocabulary logits (fp32) at final hidden states ``hid`` (R, C),
+    ``HEAD_CHUNK`` rows at a time: (rows, their logits)."""
+    for s in range(0, hid.shape[0], HEAD_CHUNK):
+        rows = slice(s, s + HEAD_CHUNK)
+        yield rows, model.head(hid[rows]).float()
+
+
 def head_margins(model: MemoryLM, hid: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-    """:func:`margins` of the head's logits at final hidden states ``hid`` (R, C), a
-    chunk of rows at a time."""
-    parts = [
-        margins(model.head(hid[s : s + HEAD_CHUNK]).float(), tok[s : s + HEAD_CHUNK])
-        for s in range(0, hid.shape[0], HEAD_CHUNK)
-    ]
+    """:func:`margins` of the head's logits at final hidden states ``hid`` (R, C)."""
+    parts = [margins(logits, tok[rows]) for rows, logits in head_chunks(model, hid)]
     return torch.cat(parts) if parts else hid.new_zeros(0)
 
 
@@ -270,10 +274,7 @@ class _GuardCheck:
         self.G = self.hid0.shape[0]
         n_top = min(8, head_w.shape[0])
         # The whole vocabulary's logits a chunk of guards at a time: only their top ones are kept.
-        tops = [
-            run.model.head(self.hid0[s : s + HEAD_CHUNK]).float().topk(max(2, n_top), dim=-1)
-            for s in range(0, self.G, HEAD_CHUNK)
-        ]
+        tops = [logits.topk(max(2, n_top), dim=-1) for _rows, logits in head_chunks(run.model, self.hid0)]
         top_v = torch.cat([t.values for t in tops]) if tops else self.hid0.new_zeros(0, max(2, n_top))
         top_i = torch.cat([t.indices for t in tops]) if tops else torch.zeros(0, max(2, n_top), dtype=torch.long, device=self.hid0.device)
         self.tok = top_i[:, 0]  # (G,) greedy tokens before the edit
@@ -318,32 +319,24 @@ class _GuardCheck:
     def margins(self, delta: torch.Tensor, rows: torch.Tensor | None = None, full: bool = False) -> torch.Tensor:
         """Margins at guards ``rows`` (default all) on their candidates; with
         ``full``, exact in sign for every guard (exact in value where it flipped)."""
-        sel = slice(None) if rows is None else rows
-        hid = self.run.hidden(delta, slice(self.offset, None) if rows is None else self.offset + rows)
-        lg = torch.einsum("rd,rcd->rc", hid, self.w_cand[sel])
+        if rows is not None:
+            return self.take(rows).margins(delta, full=full)
+        hid = self.run.hidden(delta, slice(self.offset, None))
+        lg = torch.einsum("rd,rcd->rc", hid, self.w_cand)
         own = lg[:, 0]
-        rival = (lg[:, 1:] + self.ignore[sel]).amax(1)
+        rival = (lg[:, 1:] + self.ignore).amax(1)
         if self.w_tgt.shape[0]:
-            rival = torch.maximum(rival, (hid @ self.w_tgt.T + self.tgt_ignore[sel]).amax(1))
+            rival = torch.maximum(rival, (hid @ self.w_tgt.T + self.tgt_ignore).amax(1))
         if self.ex_row.numel():
-            if rows is None:
-                pos, tok = self.ex_row, self.ex_tok
-            else:
-                where = torch.full((self.G,), -1, dtype=torch.long, device=hid.device)
-                where[rows] = torch.arange(rows.numel(), device=hid.device)
-                pos = where[self.ex_row]
-                keep = pos >= 0
-                pos, tok = pos[keep], self.ex_tok[keep]
-            if pos.numel():
-                val = (hid[pos] * self.head_w[tok]).sum(-1)
-                rival = rival.scatter_reduce(0, pos, val, "amax", include_self=True)
+            val = (hid[self.ex_row] * self.head_w[self.ex_tok]).sum(-1)
+            rival = rival.scatter_reduce(0, self.ex_row, val, "amax", include_self=True)
         m = own - rival
         if full:
-            outside = self.floor[sel] + self.w_max * (hid - self.hid0[sel]).norm(dim=1)
+            outside = self.floor + self.w_max * (hid - self.hid0).norm(dim=1)
             risky = torch.nonzero(~(own - outside > 0)).flatten()  # NaN counts as risky
             if risky.numel():
                 m = m.clone()
-                m[risky] = head_margins(self.run.model, hid[risky], self.tok[sel][risky])
+                m[risky] = head_margins(self.run.model, hid[risky], self.tok[risky])
         return m
 
     def rivals(self, delta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
