@@ -140,7 +140,7 @@ def main() -> None:
         chunk = reqs[start : start + size]
         i = start + len(chunk)
         t = time.perf_counter()
-        if size == 1:
+        if len(chunk) == 1:  # a batch of one is an edit (its record lists no requests)
             rec = ed.apply(chunk[0], allow_failed=True, **options)
             ok += bool(rec.metrics["success"])
         else:
