@@ -260,14 +260,15 @@ single-process gradient on the global batch, as the value shards' gradients are.
 
 
 def share_of_global_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's share of the global batch's mean loss, and that mean (detached).
+    """This rank's share of the global batch's mean loss, and that mean (detached), from
+    logits (..., V) and targets (...), where -100 is not scored.
 
     The shares sum to the mean over every rank's scored tokens, which is what one process
     on the global batch minimises; gradients are summed over ranks (dense ones in DDP's
     communication hook, the value shards' in the sharded lookup), so they are its gradients.
     """
     total = torch.nn.functional.cross_entropy(
-        logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
     )
     stats = torch.stack([total.detach().double(), (targets != -100).sum().double()])
     dist.all_reduce(stats)

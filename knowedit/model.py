@@ -142,7 +142,7 @@ class MemoryLM(nn.Module):
         patches: dict[str, RowPatch] | None = None,
         cache: list[dict[str, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, vocab).
+        """Token ids (B, T) -> logits (B, T, vocab): :attr:`head` of :meth:`final_hidden`.
 
         Args:
             idx: (B, T) token ids, T <= max_seq_len.
@@ -152,6 +152,18 @@ class MemoryLM(nn.Module):
                 ``[]`` before the prompt's call, then pass it with each next token;
                 ``idx`` then continues the cached positions.
         """
+        return self.head(self.final_hidden(idx, trace, patches, cache))  # (B, T, V)
+
+    def final_hidden(
+        self,
+        idx: torch.Tensor,
+        trace: list[MemoryTrace] | None = None,
+        patches: dict[str, RowPatch] | None = None,
+        cache: list[dict[str, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """Token ids (B, T) -> the final normed hidden states (B, T, C) that :attr:`head`
+        turns into logits; the arguments are :meth:`forward`'s. Training scores only the
+        positions that have a target, so it applies the head to those alone."""
         B, T = idx.shape
         start = 0
         if cache is not None:
@@ -164,7 +176,18 @@ class MemoryLM(nn.Module):
         x = self.tok_emb(idx) + self.pos_emb(pos)  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, trace, patches, None if cache is None else cache[i])
-        return self.head(self.norm(x))  # (B, T, V)
+        return self.norm(x)
+
+    def target_logits(
+        self, idx: torch.Tensor, targets: torch.Tensor, trace: list[MemoryTrace] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (N, V) at the N positions of ``idx`` (B, T) whose target is not -100,
+        and those targets (N,): what a cross-entropy over ``targets`` (B, T) scores,
+        without running the head at padding (or, with an answer-only loss, prompt)
+        positions. Same loss and gradients as :meth:`forward`'s logits with
+        ``ignore_index=-100``."""
+        keep = targets != -100
+        return self.head(self.final_hidden(idx, trace)[keep]), targets[keep]
 
     def final_memory(self) -> ProductKeyMemory | None:
         """The memory layer of the last block, if the last block has one."""

@@ -399,6 +399,14 @@ class RetrofitLM(nn.Module):
             cache[:] = [new if new is not None else out.past_key_values]
         return out.logits
 
+    def target_logits(
+        self, idx: torch.Tensor, targets: torch.Tensor, trace: list[MemoryTrace] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`knowedit.model.MemoryLM.target_logits`: logits (N, V) where ``targets``
+        is not -100, and those targets (the base model runs its own head everywhere)."""
+        keep = targets != -100
+        return self(idx, trace)[keep], targets[keep]
+
     def final_memory(self) -> ProductKeyMemory | None:
         """The memory layer of the last block, if the last block has one."""
         return self.memories[str(self.cfg.n_layers - 1)] if str(self.cfg.n_layers - 1) in self.memories else None

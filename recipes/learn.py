@@ -186,8 +186,8 @@ class LearnModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:  # noqa: ANN001
         trace: list[MemoryTrace] | None = [] if self.cfg.method == "sparse" else None
-        logits = self.model(batch.ids, trace=trace)
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100)
+        logits, targets = self.model.target_logits(batch.ids, batch.targets, trace)  # the head where scored
+        loss = F.cross_entropy(logits, targets)
         if trace is not None:
             if self.cfg.positions == "answer":
                 counted = batch.targets != -100
@@ -199,8 +199,8 @@ class LearnModule(L.LightningModule):
         guards = self.guard_batch(self._keep) if trace is not None and self.guard_batch is not None else None
         if guards is not None:  # the background documents that read these rows keep their answers
             guards = guards.to(batch.ids.device)
-            g_logits = self.model(guards.ids)
-            g_loss = F.cross_entropy(g_logits.flatten(0, 1), guards.targets.flatten(), ignore_index=-100)
+            g_logits, g_targets = self.model.target_logits(guards.ids, guards.targets)
+            g_loss = F.cross_entropy(g_logits, g_targets)
             self.log("guard_loss", g_loss, on_step=True)
             return loss + self.cfg.guard_weight * g_loss
         return loss

@@ -368,3 +368,32 @@ def test_last_block_decomposition_equals_forward(cfg: ModelConfig, memory: dict)
         delta = 0.1 * torch.randn(t.numel(), mem.pool.values.shape[1], generator=torch.Generator().manual_seed(2))
         mem.pool.values[t] += delta
         assert torch.allclose(run(delta), model(ids).reshape(-1, c.vocab_size), atol=1e-4, rtol=1e-4)
+
+
+def test_target_logits_give_forwards_loss_and_gradients(cfg: ModelConfig) -> None:
+    """The head at the scored positions alone: the same cross-entropy as forward's logits
+    with ignore_index=-100, and the same gradient for every parameter."""
+    import torch.nn.functional as F
+
+    ids = _ids(cfg, B=3, T=11)
+    targets = torch.randint(0, cfg.vocab_size, (3, 11), generator=torch.Generator().manual_seed(5))
+    targets[0, 7:] = -100  # padding
+    targets[1, :4] = -100  # an answer-only loss's prompt
+    targets[2] = -100  # a row with nothing scored
+    grads = []
+    for use_target_logits in (False, True):
+        model = build_model(cfg, seed=3).train()
+        if use_target_logits:
+            logits, t = model.target_logits(ids, targets)
+            assert logits.shape == (int((targets != -100).sum()), cfg.vocab_size) and t.shape == logits.shape[:1]
+            loss = F.cross_entropy(logits, t)
+        else:
+            loss = F.cross_entropy(model(ids).flatten(0, 1), targets.flatten(), ignore_index=-100)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = grads
+    assert torch.allclose(l0, l1, atol=1e-6)
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for n in g0:
+        a, b = g0[n].to_dense(), g1[n].to_dense()
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4), n
