@@ -58,6 +58,9 @@ class CorpusConfig:
     limit: int = 0
     """Use only the first ``limit`` examples (0: all)."""
     batch_size: int = 32
+    length_buckets: int = 1
+    """Run each batch as this many parts of rows of like length (as ``knowedit train``'s
+    ``data.length_buckets``: the same gradient, less padding)."""
     answer_only_loss: bool = False
     """Score only the answers (a plain document is scored after its first word either way)."""
 

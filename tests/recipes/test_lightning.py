@@ -212,3 +212,50 @@ def test_resume_after_sigkill_ends_where_an_uninterrupted_run_ends(tmp_path: Pat
     assert abs(resumed["train_greedy_accuracy"] - whole["train_greedy_accuracy"]) <= 0.005
     assert (resumed["epochs"], resumed["steps"]) == (whole["epochs"], whole["steps"])
     assert model_fingerprint(out / "model.safetensors") == model_fingerprint(tmp_path / "whole" / "model.safetensors")
+
+
+def test_length_parts_give_the_whole_batchs_loss_and_gradients() -> None:
+    """data.length_buckets: the parts hold every scored position once, each part is cut
+    to its own longest row, and the parts' summed losses and gradients are the batch's."""
+    from knowedit.config import model_preset
+    from knowedit.data.records import Example
+    from knowedit.inference import encode_examples
+    from knowedit.model import build_model
+    from knowedit.recipes.train import length_parts
+    from knowedit.tokenizer import TextCodec
+
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    exs = [Example(" ".join(words[: 1 + (i * 5) % 8] * (1 + i % 3)), words[i % 8]) for i in range(13)]
+    codec = TextCodec.train([f"{e.prompt} {e.answer}" for e in exs], vocab_size=300)
+    batch = encode_examples(codec, exs, 64, answer_only=False)
+    cfg = model_preset("tiny")
+    cfg.vocab_size = codec.vocab_size
+    parts = length_parts(batch, 4)
+    assert len(parts) == 4 and sum(ids.shape[0] for ids, _ in parts) == 13
+    assert sum(int((t != -100).sum()) for _, t in parts) == int((batch.targets != -100).sum())
+    assert max(ids.shape[1] for ids, _ in parts) == batch.ids.shape[1] > min(ids.shape[1] for ids, _ in parts)
+    for _, t in parts:  # no part is padded beyond its own longest row
+        assert bool((t[:, -1] != -100).any())
+    assert length_parts(batch, 1)[0][0] is batch.ids
+    results = []
+    for k in (1, 4):
+        model = build_model(cfg, seed=2).train()
+        total = (batch.targets != -100).sum()
+        loss = sum(
+            torch.nn.functional.cross_entropy(*model.target_logits(ids, t), reduction="sum") / total
+            for ids, t in length_parts(batch, k)
+        )
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.to_dense() for n, p in model.named_parameters() if p.grad is not None}))
+    (l1, g1), (l4, g4) = results
+    assert torch.allclose(l1, l4, atol=1e-6) and g1.keys() == g4.keys()
+    for n in g1:
+        assert torch.allclose(g1[n], g4[n], atol=1e-6, rtol=1e-4), n
+
+
+def test_length_buckets_train_and_a_bad_value_is_one_line(tmp_path: Path) -> None:
+    report = _train(tmp_path / "g", "data.length_buckets=3", "max_epochs=1")
+    assert report["epochs"] >= 1 and report["facts_trained"] > 0
+    res = CliRunner().invoke(app, ["train", "debug", "data.length_buckets=0", "--out", str(tmp_path / "bad")])
+    assert res.exit_code != 0 and "data.length_buckets must be >= 1" in res.output
+    assert not (tmp_path / "bad").exists()
