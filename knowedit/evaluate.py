@@ -39,7 +39,12 @@ import torch
 
 from knowedit.data.records import EditRequest, Example, RecordError, requests_from
 from knowedit.errors import OptionError
-from knowedit.inference import PromptError, encode_examples, encode_pair, greedy
+from knowedit.inference import (
+    PromptError,
+    encode_pair,
+    greedy,
+    length_sorted_batches,
+)
 from knowedit.model import MemoryLM
 from knowedit.tokenizer import TextCodec
 
@@ -111,13 +116,12 @@ class ModelScorer:
                 pass
         out = [math.nan] * len(examples)
         device = next(self.model.parameters()).device
-        for s in range(0, len(ok), self.batch_size):
-            idx = ok[s : s + self.batch_size]
-            b = encode_examples(self.codec, [examples[i] for i in idx], max_len).to(device)
-            pred = self.model(b.ids).argmax(-1)  # (B, T)
-            for j, i in enumerate(idx):
-                st, n = int(b.answer_start[j]), int(b.answer_len[j]) - 1  # answer tokens, eos left out
-                out[i] = float((pred[j, st : st + n] == b.targets[j, st : st + n]).float().mean())
+        for idx, b in length_sorted_batches(self.codec, [examples[i] for i in ok], max_len, self.batch_size):
+            b = b.to(device)
+            logits, tgt = self.model.target_logits(b.ids, b.targets)  # the answer positions alone
+            hit = logits.argmax(-1) == tgt
+            for j, h in zip(idx, hit.split(b.answer_len.tolist())):
+                out[ok[j]] = float(h[:-1].float().mean())  # answer tokens, eos left out
         return out
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -104,21 +104,37 @@ def teacher_forced(model: MemoryLM, codec: TextCodec, examples: Sequence[Example
         which is what greedy decoding would produce) and ``prob`` (mean answer
         token probability), each a list over examples.
     """
-    out: dict[str, list] = {"token_acc": [], "exact": [], "prob": []}
+    n = len(examples)
+    out: dict[str, list] = {"token_acc": [0.0] * n, "exact": [False] * n, "prob": [0.0] * n}
     device = next(model.parameters()).device
-    for s in range(0, len(examples), batch_size):
-        b = encode_examples(codec, examples[s : s + batch_size], model.cfg.max_seq_len).to(device)
-        logits = model(b.ids)
-        probs = logits.float().softmax(-1)
-        pred = logits.argmax(-1)
-        for i in range(b.ids.shape[0]):
-            st, n = int(b.answer_start[i]), int(b.answer_len[i])
-            tgt = b.targets[i, st : st + n]
-            hit = pred[i, st : st + n] == tgt
-            out["token_acc"].append(float(hit[:-1].float().mean()))
-            out["exact"].append(bool(hit.all()))
-            out["prob"].append(float(probs[i, torch.arange(st, st + n - 1), tgt[:-1]].mean()))
+    max_len = model.cfg.max_seq_len
+    for idx, b in length_sorted_batches(codec, examples, max_len, batch_size):
+        b = b.to(device)
+        logits, tgt = model.target_logits(b.ids, b.targets)  # (N, V): the answer positions alone
+        hit = logits.argmax(-1) == tgt
+        prob = logits.float().softmax(-1).gather(1, tgt[:, None]).squeeze(1)
+        counts = b.answer_len.tolist()
+        for i, h, p in zip(idx, hit.split(counts), prob.split(counts)):
+            out["token_acc"][i] = float(h[:-1].float().mean())
+            out["exact"][i] = bool(h.all())
+            out["prob"][i] = float(p[:-1].mean())
     return out
+
+
+def length_sorted_batches(
+    codec: TextCodec, examples: Sequence[Example], max_len: int, batch_size: int
+) -> Iterator[tuple[list[int], Batch]]:
+    """The examples encoded (:func:`encode_examples`) in batches of like length, so a
+    batch pads little: (the examples' indices, their batch) per batch. Raises what
+    :func:`encode_pair` raises, for the first bad example."""
+    lengths = []
+    for ex in examples:
+        p, a = encode_pair(codec, ex.prompt, ex.answer, max_len)
+        lengths.append(len(p) + len(a))
+    order = sorted(range(len(examples)), key=lengths.__getitem__)
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        yield idx, encode_examples(codec, [examples[i] for i in idx], max_len)
 
 
 @torch.no_grad()
