@@ -64,12 +64,6 @@ def head_chunks(model: MemoryLM, hid: torch.Tensor) -> Iterator[tuple[slice, tor
         yield rows, model.head(hid[rows]).float()
 
 
-def head_margins(model: MemoryLM, hid: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-    """:func:`margins` of the head's logits at final hidden states ``hid`` (R, C)."""
-    parts = [margins(logits, tok[rows]) for rows, logits in head_chunks(model, hid)]
-    return torch.cat(parts) if parts else hid.new_zeros(0)
-
-
 def _target_stats(logits: torch.Tensor, tgt: torch.Tensor) -> tuple[bool, float, float]:
     """Over the edit's scored positions (n, V) / (n,): (all argmax, min prob, mean answer prob)."""
     probs = logits.detach().float().softmax(-1)
@@ -259,10 +253,15 @@ class _GuardCheck:
 
     Each guard is scored on a few candidate tokens (its top ones before the
     edit and the edit's targets); rivals found later by a full-vocabulary check
-    are kept as (guard, token) pairs. A token outside the candidates started at
-    or below the guard's ``n_top``-th logit and moved by at most
-    ``w_max * |change of its final hidden state|``: a full check scores the whole
-    vocabulary only at guards whose own logit is not above that bound.
+    are kept as (guard, token) pairs. Each guard has an *anchor*, a final hidden
+    state at which every token outside its candidates was at or below ``floor``
+    (first: its state before the edit and its ``n_top``-th logit); such a token
+    has moved since by at most ``w_max * |hidden - anchor|``. A full check scores
+    the whole vocabulary only at guards whose own logit is not above that bound,
+    and there it also moves their anchor to the present state, with the best
+    token outside the candidates as one more rival and the next one's logit as
+    the floor: the next full check, after a few more steps, then finds few
+    guards at risk instead of the same ones again.
     """
 
     @torch.no_grad()
@@ -279,8 +278,9 @@ class _GuardCheck:
         top_i = torch.cat([t.indices for t in tops]) if tops else torch.zeros(0, max(2, n_top), dtype=torch.long, device=self.hid0.device)
         self.tok = top_i[:, 0]  # (G,) greedy tokens before the edit
         self.m0 = top_v[:, 0] - top_v[:, 1]  # full-vocabulary margins before the edit
-        self.floor = top_v[:, -1]  # no token outside the candidates was above this
-        cand = top_i[:, 1:n_top]  # (G, c) each guard's own rivals
+        self.floor = top_v[:, -1]  # no token outside the candidates was above this...
+        self.anchor = self.hid0  # ...at these hidden states
+        self.cand = cand = top_i[:, 1:n_top]  # (G, c) each guard's own rivals
         # Column 0 is the guard's own token: own and rival logits come from one
         # product, so a tie reads as a zero margin, never as a flip.
         self.w_cand = head_w[torch.cat([self.tok[:, None], cand], dim=1)]  # (G, 1 + c, C)
@@ -302,7 +302,7 @@ class _GuardCheck:
         out = _GuardCheck.__new__(_GuardCheck)
         out.run, out.offset, out.G = self.run.take(self.offset + rows), 0, rows.numel()
         out.head_w, out.w_max, out.w_tgt = self.head_w, self.w_max, self.w_tgt
-        for name in ("hid0", "tok", "m0", "floor", "w_cand", "ignore", "tgt_ignore"):
+        for name in ("hid0", "tok", "m0", "floor", "anchor", "cand", "w_cand", "ignore", "tgt_ignore"):
             setattr(out, name, getattr(self, name)[rows])
         where = torch.full((self.G,), -1, dtype=torch.long, device=rows.device)
         where[rows] = torch.arange(rows.numel(), device=rows.device)
@@ -332,16 +332,35 @@ class _GuardCheck:
             rival = rival.scatter_reduce(0, self.ex_row, val, "amax", include_self=True)
         m = own - rival
         if full:
-            outside = self.floor + self.w_max * (hid - self.hid0).norm(dim=1)
+            outside = self.floor + self.w_max * (hid - self.anchor).norm(dim=1)
             risky = torch.nonzero(~(own - outside > 0)).flatten()  # NaN counts as risky
             if risky.numel():
                 m = m.clone()
-                m[risky] = head_margins(self.run.model, hid[risky], self.tok[risky])
+                m[risky] = self._full_margins(hid, risky)
         return m
 
-    def rivals(self, delta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """The full-vocabulary greedy token of guards ``rows`` under ``delta``."""
-        return self.run(delta, self.offset + rows).argmax(-1)
+    def _full_margins(self, hid: torch.Tensor, risky: torch.Tensor) -> torch.Tensor:
+        """Whole-vocabulary margins of guards ``risky`` at hidden states ``hid`` (G, C);
+        each of them is re-anchored there (see the class)."""
+        out, new_rival = [], []
+        for rows, logits in head_chunks(self.run.model, hid[risky]):
+            g = risky[rows]
+            out.append(margins(logits, self.tok[g]))
+            scored = torch.cat([self.tok[g, None], self.cand[g]], dim=1)
+            n_out = logits.shape[1] - scored.shape[1]  # tokens outside the candidates
+            if n_out <= 0:
+                self.floor[g] = float("-inf")
+                continue
+            best = logits.scatter(1, scored, float("-inf")).topk(min(2, n_out), dim=1)
+            new_rival.append((g, best.indices[:, 0]))
+            # every token outside the candidates and the new rival is at or below this
+            self.floor[g] = best.values[:, 1] if n_out >= 2 else float("-inf")
+        if self.anchor is self.hid0:  # the pre-edit states stay as they are
+            self.anchor = self.anchor.clone()
+        self.anchor[risky] = hid[risky]
+        for g, tok in new_rival:
+            self.add_rivals(g, tok)
+        return torch.cat(out)
 
 
 @torch.no_grad()
@@ -508,8 +527,7 @@ def final_layer_rows(
                         if done and not lost.numel():  # confirm on the whole vocabulary
                             g_m = check.margins(delta, full=True)
                             lost = torch.nonzero(~(g_m >= 0)).flatten()
-                            if lost.numel():  # a token outside the candidates took over
-                                check.add_rivals(lost, check.rivals(delta, lost))
+                            # (a token outside the candidates that took over is now a rival: the full check adds it)
                     flips = int(lost.numel())
                     if (done and flips == 0) or last:
                         break

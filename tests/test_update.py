@@ -67,6 +67,40 @@ def test_full_guard_check_flags_exactly_the_flipped_guards(setup) -> None:
     assert flipped_somewhere  # the large changes did flip guards: the check was tested
 
 
+def test_full_checks_along_a_path_stay_exact_and_rescore_few_guards(setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full check moves the anchor of each guard it scored on the whole vocabulary:
+    later checks near that point stay exact in sign, and score far fewer guards."""
+    import knowedit.update as update
+
+    ed, ex, slots, guards = setup
+    run, check, M = _layer(ed, ex, slots, guards)
+    scored_rows: list[int] = []
+    chunks = update.head_chunks
+
+    def counting(model, hid):  # noqa: ANN001, ANN202
+        scored_rows.append(hid.shape[0])
+        return chunks(model, hid)
+
+    monkeypatch.setattr(update, "head_chunks", counting)
+    gen = torch.Generator().manual_seed(1)
+    direction = torch.randn(run.t, run.read.shape[1], generator=gen)
+    other = torch.randn(run.t, run.read.shape[1], generator=gen)
+    path = [3.0, 3.02, 3.04, 6.0, 6.01, 1.0]
+    with torch.no_grad():
+        for i, scale in enumerate(path):
+            delta = scale * direction + (0.5 * other if i == len(path) - 1 else 0.0)
+            scored_rows.clear()
+            fast = check.margins(delta, full=True)
+            exact = margins(run(delta, slice(M, None)), check.tok)
+            assert torch.equal(fast < 0, exact < 0), scale
+            assert bool((check.margins(delta) >= exact - 1e-4).all())
+            if i == 0:
+                first = sum(scored_rows)
+                assert first > 0
+            if i in (1, 2, 4):  # just past a full check: few guards are at risk
+                assert sum(scored_rows) < 0.2 * first, (scale, sum(scored_rows), first)
+
+
 def test_read_change_equals_the_dense_weight_matrix_product(setup) -> None:
     """The compressed reads (each row's hits on the edited slots) give what the dense
     (rows x t) matrix of read weights gives, also for a batch-sized slot set."""
