@@ -7,10 +7,13 @@ transaction each, as ``knowedit edit apply`` does) and reports:
   it builds the FAISS indexes) and the guards per edit;
 - peak resident memory of the process (``ru_maxrss``) after each checkpoint
   count of edits;
-- Rel/Gen (teacher-forced and greedy, :mod:`knowedit.evaluate`), locality on
-  the records' locality prompts, and locality on a random sample of
-  background sentences that name no edited subject ("Loc-bg"): each keeps
-  the greedy answer the model gave before any edit.
+- Rel/Gen (teacher-forced and greedy, :mod:`knowedit.evaluate`) over the edits
+  applied so far, locality on the records' locality prompts, and locality on a
+  random sample of background sentences that name no edited subject ("Loc-bg"):
+  each keeps the greedy answer the model gave before any edit. These are
+  scored at every ``--checkpoints`` count (the retention curve; each row goes
+  to ``--json-out`` as soon as it is scored, so a long run that is stopped
+  keeps what it reached) and at T.
 
 ``--background-extra N`` adds N sentences of another synthetic world (its own
 seed: names the model never saw) to the copy's background corpus and rebuilds
@@ -76,7 +79,9 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True, help="checkpoint directory (left unchanged)")
     ap.add_argument("--edits", type=Path, default=None, help="EasyEdit records (default: MODEL/edits.jsonl)")
     ap.add_argument("--n", type=int, default=200, help="edits to apply (T)")
-    ap.add_argument("--checkpoints", default="", help="edit counts at which to record peak memory (default: n)")
+    ap.add_argument(
+        "--checkpoints", default="", help="edit counts at which to score Rel/Gen/Loc and record peak memory (always n)"
+    )
     ap.add_argument("--background-extra", type=int, default=0, help="sentences of an unseen world added to the background")
     ap.add_argument("--loc-sample", type=int, default=2000, help="background sentences for Loc-bg")
     ap.add_argument("--option", action="append", default=[], help="edit option KEY=VALUE (repeatable)")
@@ -134,6 +139,47 @@ def main() -> None:
     loc_before = scorer.greedy(loc_prompts)
 
     marks = sorted({int(c) for c in args.checkpoints.split(",") if c} | {args.n})
+
+    def kept(prompts: list[str], before: list[str]) -> tuple[float | None, float | None]:
+        if not prompts:
+            return None, None
+        tf = scorer.teacher_forced([Example(p, b) for p, b in zip(prompts, before) if b])
+        tf = [x for x in tf if x == x]
+        after = scorer.greedy(prompts)
+        return (round(sum(tf) / len(tf), 4) if tf else None), round(sum(a == b for a, b in zip(after, before)) / len(prompts), 4)
+
+    def quality(done: list) -> dict:
+        """Rel/Gen over the ``done`` requests, and both localities, on the model as it is now."""
+        rel, gen = reliability(scorer, done), generalization(scorer, done)
+        loc_tf, loc_g = kept(loc_prompts, loc_before)
+        bg_tf, bg_g = kept([d.prompt for d in sample], bg_before)
+        return {
+            "rel_tf": rel["teacher_forced"], "rel_greedy": rel["greedy"],
+            "gen_tf": gen["teacher_forced"], "gen_greedy": gen["greedy"],
+            "loc_tf": loc_tf, "loc_greedy": loc_g, "loc_prompts": len(loc_prompts),
+            "loc_bg_tf": bg_tf, "loc_bg_greedy": bg_g, "loc_bg_prompts": len(sample),
+        }  # fmt: skip
+
+    out: dict = {
+        "model": str(args.model),
+        "edits": str(args.edits or (args.model / "edits.jsonl")),
+        "T": args.n,
+        "options": options,
+        "batch": max(1, args.batch),
+        "min_answer_tokens": args.min_answer_tokens,
+        "background_docs": n_background,
+        "background_extra": args.background_extra,
+        "open_s": round(stats_s, 2),
+        "threads": args.threads, "seed": args.seed,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "checkpoints": [],
+    }  # fmt: skip
+
+    def write() -> None:
+        if args.json_out:
+            args.json_out.parent.mkdir(parents=True, exist_ok=True)
+            args.json_out.write_text(json.dumps(out, indent=2) + "\n")
+
     times, guards, steps, ok, rss = [], [], [], 0, {}
     size = max(1, args.batch)
     for start in range(0, len(reqs), size):
@@ -149,56 +195,43 @@ def main() -> None:
         times.append((time.perf_counter() - t) * 1000)
         guards.append(rec.metrics["guards"])
         steps.append(rec.metrics["steps"])
-        for m in marks:
-            if start < m <= i:
-                rss[m] = round(peak_rss_mb(), 1)
         if i % 50 < size:
             print(f"{i}/{args.n} edits, median {statistics.median(times[1:] or times):.1f} ms, peak RSS {peak_rss_mb():.0f} MB", file=sys.stderr)
+        reached = [m for m in marks if start < m <= i]
+        if not reached:
+            continue
+        for m in reached:
+            rss[m] = round(peak_rss_mb(), 1)
+        t = time.perf_counter()
+        row = {"T": i, "peak_rss_mb": rss[reached[-1]], **quality(reqs[:i])}
+        rest = times[1:] or times
+        row.update(
+            edit_ms_median=round(statistics.median(rest), 1), edit_ms_p95=round(pct(rest, 0.95), 1),
+            success=round(ok / i, 4), score_s=round(time.perf_counter() - t, 1),
+            date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        )  # fmt: skip
+        out["checkpoints"].append(row)
+        print(f"{i}/{args.n} edits scored: Rel {row['rel_tf']} Gen {row['gen_tf']} Loc {row['loc_tf']} "
+              f"Loc-bg {row['loc_bg_tf']} peak RSS {row['peak_rss_mb']} MB", file=sys.stderr)  # fmt: skip
+        write()
 
-    rel, gen = reliability(scorer, reqs), generalization(scorer, reqs)
-
-    def kept(prompts: list[str], before: list[str]) -> tuple[float | None, float | None]:
-        if not prompts:
-            return None, None
-        tf = scorer.teacher_forced([Example(p, b) for p, b in zip(prompts, before) if b])
-        tf = [x for x in tf if x == x]
-        after = scorer.greedy(prompts)
-        return (round(sum(tf) / len(tf), 4) if tf else None), round(sum(a == b for a, b in zip(after, before)) / len(prompts), 4)
-
-    loc_tf, loc_g = kept(loc_prompts, loc_before)
-    bg_tf, bg_g = kept([d.prompt for d in sample], bg_before)
     rest = times[1:] or times
-    out = {
-        "model": str(args.model),
-        "edits": str(args.edits or (args.model / "edits.jsonl")),
-        "T": args.n,
-        "options": options,
-        "batch": size,
-        "min_answer_tokens": args.min_answer_tokens,
-        "background_docs": n_background,
-        "background_extra": args.background_extra,
-        "open_s": round(stats_s, 2),
-        "first_edit_ms": round(times[0], 1),
-        "edit_ms_median": round(statistics.median(rest), 1),
-        "edit_ms_p95": round(pct(rest, 0.95), 1),
-        "guards_median": statistics.median(guards),
-        "steps_median": statistics.median(steps),
-        "success": round(ok / args.n, 4),
-        "peak_rss_mb": rss,
-        "rel_tf": rel["teacher_forced"], "rel_greedy": rel["greedy"],
-        "gen_tf": gen["teacher_forced"], "gen_greedy": gen["greedy"],
-        "loc_tf": loc_tf, "loc_greedy": loc_g, "loc_prompts": len(loc_prompts),
-        "loc_bg_tf": bg_tf, "loc_bg_greedy": bg_g, "loc_bg_prompts": len(sample),
-        "threads": args.threads, "seed": args.seed,
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
+    final = out["checkpoints"][-1]
+    out.update(
+        first_edit_ms=round(times[0], 1),
+        edit_ms_median=round(statistics.median(rest), 1),
+        edit_ms_p95=round(pct(rest, 0.95), 1),
+        guards_median=statistics.median(guards),
+        steps_median=statistics.median(steps),
+        success=round(ok / args.n, 4),
+        peak_rss_mb=rss,
+        **{k: final[k] for k in final if k.startswith(("rel_", "gen_", "loc_"))},
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    )
     ed.close()
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(out, indent=2))
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(out, indent=2) + "\n")
+    write()
 
 
 if __name__ == "__main__":
