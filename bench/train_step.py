@@ -64,8 +64,9 @@ def main() -> None:
     random.Random(cfg.seed).shuffle(order)
     bs = cfg.data.batch_size
     n_batches = args.warmup + args.steps
+    n = len(order)  # a corpus smaller than the batches needed is read round again
     batches = [
-        _collate(dm.codec, [dm.train_ex[i] for i in order[k * bs : (k + 1) * bs]], max_len=cfg.model.max_seq_len,
+        _collate(dm.codec, [dm.train_ex[order[(k * bs + j) % n]] for j in range(bs)], max_len=cfg.model.max_seq_len,
                  answer_only=cfg.data.answer_only_loss)
         for k in range(n_batches)
     ]  # fmt: skip

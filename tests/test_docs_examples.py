@@ -133,6 +133,7 @@ SUBSTITUTIONS: list[tuple[str, str, str]] = [
     (r"bench/memory_scaling\.py", "bench/memory_scaling.py --sizes 8 --quick --batch 1 --seq 16 --dim 32",
      "2^20 rows take 8 GiB: 2^8 rows, tiny shapes, fewer repeats"),
     (r"--runs \d+", "--runs 1", "bench/startup.py: one timed run of each command"),
+    (r"bench/train_step\.py", "bench/train_step.py --steps 2 --warmup 1", "bench/train_step.py: two timed steps"),
     (r"(bench/continual\.py (?![^\n]*--train-set)[^\n]*)$", r"\1 --train-set max_epochs=1",
      "bench/continual.py pretrains on A for minutes: one epoch (its default 65,536 slots "
      "per pool go with it)"),
