@@ -52,8 +52,9 @@ def margins(logits: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
     return own - other
 
 
-HEAD_CHUNK = 4096
-"""Rows whose whole-vocabulary logits are computed at a time (bounds the (rows, V) buffer)."""
+HEAD_CHUNK = 1024
+"""Rows whose whole-vocabulary logits are computed at a time (bounds the (rows, V) buffer:
+32 MiB at CounterFact's 8,192 tokens)."""
 
 
 def head_chunks(model: MemoryLM, hid: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
@@ -351,7 +352,7 @@ class _GuardCheck:
             if n_out <= 0:
                 self.floor[g] = float("-inf")
                 continue
-            best = logits.scatter(1, scored, float("-inf")).topk(min(2, n_out), dim=1)
+            best = logits.scatter_(1, scored, float("-inf")).topk(min(2, n_out), dim=1)  # in place: no second buffer
             new_rival.append((g, best.indices[:, 0]))
             # every token outside the candidates and the new rival is at or below this
             self.floor[g] = best.values[:, 1] if n_out >= 2 else float("-inf")
