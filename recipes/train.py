@@ -503,9 +503,22 @@ def train(
         # seed gives the same weights only with the same thread count.
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg, progress, t0, resume)
+        report = _train(cfg, progress, t0, resume)
     finally:
         torch.set_num_threads(prior_threads)
+    _leave_process_group()
+    return report
+
+
+def _leave_process_group() -> None:
+    """A memory-parallel run's ranks, once every one has trained, leave together and tear
+    their process group down themselves instead of at interpreter exit, where a gloo
+    rank sometimes aborted ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _train(cfg: TrainConfig, progress: bool, t0: float, resume: bool) -> dict:
