@@ -39,12 +39,7 @@ import torch
 
 from knowedit.data.records import EditRequest, Example, RecordError, requests_from
 from knowedit.errors import OptionError
-from knowedit.inference import (
-    PromptError,
-    encode_pair,
-    greedy,
-    length_sorted_batches,
-)
+from knowedit.inference import PromptError, encode_pair, greedy, teacher_forced
 from knowedit.model import MemoryLM
 from knowedit.tokenizer import TextCodec
 
@@ -115,13 +110,9 @@ class ModelScorer:
                 # left for its eos. Left out rather than guessed.
                 pass
         out = [math.nan] * len(examples)
-        device = next(self.model.parameters()).device
-        for idx, b in length_sorted_batches(self.codec, [examples[i] for i in ok], max_len, self.batch_size):
-            b = b.to(device)
-            logits, tgt = self.model.target_logits(b.ids, b.targets)  # the answer positions alone
-            hit = logits.argmax(-1) == tgt
-            for j, h in zip(idx, hit.split(b.answer_len.tolist())):
-                out[ok[j]] = float(h[:-1].float().mean())  # answer tokens, eos left out
+        scored = teacher_forced(self.model, self.codec, [examples[i] for i in ok], self.batch_size)["token_acc"]
+        for i, acc in zip(ok, scored):  # answer tokens, eos left out
+            out[i] = acc
         return out
 
 
