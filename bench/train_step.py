@@ -48,7 +48,7 @@ def main() -> None:
     from knowedit.config import load_train_config
     from knowedit.inference import teacher_forced
     from knowedit.model import build_model
-    from knowedit.recipes.train import FactDataModule, _collate, length_parts, value_optimizer
+    from knowedit.recipes.train import FactDataModule, _collate, backward_in_parts, value_optimizer
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "configs" / f"{args.recipe}.yaml"
     overrides = [*([f"data.path={args.data}"] if args.data else []), *args.overrides]
@@ -78,10 +78,7 @@ def main() -> None:
             logits = model(b.ids)
             F.cross_entropy(logits.flatten(0, 1), b.targets.flatten(), ignore_index=-100).backward()
         else:
-            scored = (b.targets != -100).sum().clamp_min(1)
-            for ids, tgt in length_parts(b, k):
-                logits, targets = model.target_logits(ids, tgt)
-                (F.cross_entropy(logits, targets, reduction="sum") / scored).backward()
+            backward_in_parts(model, b, k, torch.Tensor.backward)
         for opt in opts:
             opt.step()
 

@@ -24,7 +24,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
@@ -243,14 +243,7 @@ class MemoryLMModule(L.LightningModule):
             loss, shown = share_of_global_loss(logits, targets)
             self.manual_backward(loss)
         else:
-            scored = (batch.targets != -100).sum().clamp_min(1)
-            shown = torch.zeros((), device=batch.ids.device)
-            for ids, tgt in length_parts(batch, self.cfg.data.length_buckets):
-                logits, targets = self.model.target_logits(ids, tgt)
-                # each part's share of the batch's per-token mean: the gradients add up to its gradient
-                part = torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / scored
-                self.manual_backward(part)
-                shown = shown + part.detach()
+            shown = backward_in_parts(self.model, batch, self.cfg.data.length_buckets, self.manual_backward)
         for opt in opts:
             opt.step()
         for sched in scheds:
@@ -287,6 +280,22 @@ def length_parts(batch: Batch, k: int) -> list[tuple[torch.Tensor, torch.Tensor]
             T = int(n[rows].max())
             out.append((batch.ids[rows, :T], batch.targets[rows, :T]))
     return out
+
+
+def backward_in_parts(
+    model: MemoryLM, batch: Batch, k: int, backward: Callable[[torch.Tensor], None]
+) -> torch.Tensor:
+    """The batch's per-token mean cross-entropy, run as :func:`length_parts` of ``k``:
+    ``backward`` is called on each part's share, so the gradients add up to the
+    batch's. Returns the batch's loss (detached)."""
+    scored = (batch.targets != -100).sum().clamp_min(1)
+    shown = torch.zeros((), device=batch.ids.device)
+    for ids, tgt in length_parts(batch, k):
+        logits, targets = model.target_logits(ids, tgt)
+        part = torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / scored
+        backward(part)
+        shown = shown + part.detach()
+    return shown
 
 
 def _scale_at_batch(batch: int, *, per_batch: int, warmup: int, total: int, min_ratio: float) -> float:
