@@ -24,6 +24,23 @@ LedgerOpt = Annotated[
 ]
 
 
+def parse_options(items: list[str]) -> dict:
+    """``KEY=VALUE`` pairs (``--option``); values are read as JSON where they parse
+    (numbers, booleans), else kept as strings."""
+    from knowedit.errors import OptionError
+
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise OptionError(f"option {item!r} is not KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that are the user's input, shown as one message and exit 1.
 

@@ -18,6 +18,7 @@ from knowedit.cli.common import (
     emit_json,
     fail,
     friendly,
+    parse_options,
 )
 
 app = typer.Typer(help="Apply and revert edits.", no_args_is_help=True)
@@ -69,6 +70,11 @@ def apply(
         typer.Option("--batch", help="With --file: apply the requests N at a time, each group in one optimisation and one "
                      "ledger event (reverting its id reverts the group)."),
     ] = 1,
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--option", help="Any other edit option KEY=VALUE, e.g. prompt_weight=1.0 (repeatable; "
+                     "the options and their defaults: docs/editing.md)."),
+    ] = None,
     author: Annotated[str | None, typer.Option(help="Recorded in the ledger.")] = None,
     note: Annotated[str | None, typer.Option(help="Free text recorded in the ledger.")] = None,
     json_out: JsonOpt = False,
@@ -94,6 +100,16 @@ def apply(
     if max_steps < 1:
         raise fail(f"--max-steps must be at least 1, got {max_steps} (with no step nothing would change)")
     opts = {"top_t": top_t, "max_steps": max_steps, "conflict": conflict}
+    extra = parse_options(option or [])
+    for key in sorted(set(extra) & set(opts)):
+        raise fail(f"--option {key}=... : use --{key.replace('_', '-')} for that one")
+    opts.update(extra)
+    from knowedit.edit_options import EditOptions
+
+    try:
+        EditOptions.from_mapping(opts)
+    except ValueError as err:
+        raise fail(str(err)) from None
     failed: list[dict] = []
     skipped = 0
     with Editor.open(model, ledger=ledger, author=author) as ed:

@@ -11,26 +11,12 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from knowedit.cli.common import JsonOpt, ModelOpt, console, emit_json, friendly
+from knowedit.cli.common import JsonOpt, ModelOpt, console, emit_json, friendly, parse_options
 from knowedit.errors import OptionError, file_problem
 
 
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
-
-
-def _parse_options(items: list[str]) -> dict:
-    """``KEY=VALUE`` pairs; values are read as JSON where they parse (numbers, booleans)."""
-    out: dict = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise OptionError(f"option {item!r} is not KEY=VALUE")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
 
 
 def results_tables(res: dict) -> tuple[Table, Table]:
@@ -116,7 +102,7 @@ def eval_cmd(
         raise OptionError(f"--batch goes with --method sparse (the {method} baseline edits one fact at a time)")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    options = _parse_options(option or [])
+    options = parse_options(option or [])
     reqs = load_records(edits)
     if not reqs:
         raise OptionError(f"{edits} holds no records")

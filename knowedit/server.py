@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from knowedit.errors import KnoweditError
+from knowedit.errors import KnoweditError, OptionError
 from knowedit.events import event_detail, event_summary
 
 log = logging.getLogger("uvicorn.error.knowedit")
@@ -303,11 +303,18 @@ class _EditSettings(_Body):
     author: str | None = Field(None, min_length=1, max_length=200, description="Recorded in the ledger [server's --author].")
 
     allow_failed: bool = Field(False, description="Commit an edit even if it does not reach its target.")
+    edit_options: dict[str, bool | int | float | str] | None = Field(
+        None, description="Any other edit option by name, e.g. {\"prompt_weight\": 1.0} (the CLI's --option).",
+    )
 
     def options(self) -> dict[str, object]:
         out: dict[str, object] = {
             k: v for k, v in (("top_t", self.top_t), ("max_steps", self.max_steps), ("conflict", self.conflict)) if v is not None
         }
+        for key, value in (self.edit_options or {}).items():
+            if key in ("top_t", "max_steps", "conflict", "allow_failed"):
+                raise OptionError(f"edit_options: give {key} as its own field")
+            out[key] = value
         if self.allow_failed:  # only when asked: the Editor's default refuses such an edit
             out["allow_failed"] = True
         return out

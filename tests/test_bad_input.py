@@ -257,6 +257,21 @@ def test_11_a_zero_step_budget_is_refused(model_dir: Path, runner: CliRunner, tm
     _unchanged(model_dir, before)
 
 
+def test_11_bad_edit_options_are_refused_before_anything_is_written(model_dir: Path, runner: CliRunner) -> None:
+    before = tree(model_dir)
+    req = _first_request(model_dir)
+    base = ["edit", "apply", "-m", str(model_dir), "-p", req["prompt"], "-t", req["target_new"], "--max-steps", STEPS]
+    for option, phrase in (
+        ("no_such=1", "unknown edit option"),
+        ("prompt_weight=-1", "prompt_weight must be a positive number"),
+        ("beta1=high", "beta1 must be float"),
+        ("prompt_weight", "is not KEY=VALUE"),
+        ("top_t=4", "use --top-t"),
+    ):
+        clean_failure(runner.invoke(app, [*base, "--option", option]), phrase)
+    _unchanged(model_dir, before)
+
+
 @pytest.fixture
 def umask() -> Iterator[None]:
     before = os.umask(0o022)

@@ -75,3 +75,22 @@ def test_knowedit_errors_share_one_base() -> None:
                 LedgerError, LedgerBusy, LedgerDamaged, LedgerMissing):
         assert issubclass(cls, knowedit.KnoweditError), cls
     assert issubclass(EditError, ValueError)  # still caught where ValueError was
+
+
+def test_edit_apply_passes_any_option_to_the_editor_and_the_ledger_records_it(model_dir: Path, runner) -> None:  # noqa: ANN001
+    import json
+
+    from knowedit.data import load_records
+
+    req = load_records(model_dir / "edits.jsonl")[0]
+    m = str(model_dir)
+    out = runner.invoke(app, [
+        "edit", "apply", "-m", m, "-p", req.prompt, "-t", req.target_new, "--max-steps", "5", "--allow-failed",
+        "--option", "prompt_weight=1.5", "--option", "beta1=0.8", "--json",
+    ])
+    assert out.exit_code == 0, out.output
+    eid = json.loads(out.stdout)["id"]
+    shown = json.loads(runner.invoke(app, ["ledger", "show", eid, "-m", m, "--json"]).stdout)
+    settings = shown["settings"]
+    assert settings["prompt_weight"] == 1.5 and settings["beta1"] == 0.8 and settings["max_steps"] == 5
+    assert settings["top_t"] == EditOptions().top_t

@@ -257,6 +257,9 @@ def test_bad_requests_get_json_4xx_never_a_traceback(servers: dict[str, Server],
             (c.post("/edits", json={**_edit_body(r0), "subject": "Nobody"}), 400, "does not occur"),
             (c.post("/edits", json={**_edit_body(r0), "conflict": "maybe"}), 422, "conflict"),
             (c.post("/edits", json={**_edit_body(r0), "max_steps": 0}), 422, "max_steps"),
+            (c.post("/edits", json={**_edit_body(r0), "edit_options": {"no_such": 1}}), 400, "unknown edit option"),
+            (c.post("/edits", json={**_edit_body(r0), "edit_options": {"top_t": 3}}), 400, "own field"),
+            (c.post("/edits", json={**_edit_body(r0), "edit_options": {"prompt_weight": -1}}), 400, "prompt_weight"),
             (c.post("/edits/batch", json={"requests": [{"prompt": r0.prompt}]}), 400, "target_new"),
             (c.post("/revert", json={"id": "e00000000000"}), 404, "unknown edit id"),
             (c.post("/revert", json={"id": "a", "to": "b"}), 422, "not both"),
@@ -288,7 +291,7 @@ def test_edit_show_verify_revert_round_trip(servers: dict[str, Server], reqs: li
     with servers["main"].client(TOKEN) as c:
         (r,) = _pick(c, reqs[:20])
         other = next(x for x in reqs if x.prompt != r.prompt)
-        resp = c.post("/edits", json={**_edit_body(r), "note": "from the test", "author": "tester"})
+        resp = c.post("/edits", json={**_edit_body(r), "note": "from the test", "author": "tester", "edit_options": {"prompt_weight": 1.0}})
         assert resp.status_code == 200, resp.text
         rec = resp.json()
         assert set(rec) == {"id", "prompt", "target_new", "subject", "slots", "metrics", "conflicts", "seq"}
@@ -299,6 +302,7 @@ def test_edit_show_verify_revert_round_trip(servers: dict[str, Server], reqs: li
         assert [x["answer"] for x in gen["results"]] == [r.target_new, _ask(c, other.prompt)]
         show = c.get(f"/ledger/{rec['id']}").json()
         assert show["live"] and show["author"] == "tester" and show["note"] == "from the test"
+        assert show["settings"]["prompt_weight"] == 1.0
         assert show["request"]["prompt"] == r.prompt and len(show["rows"]) == len(rec["slots"])
         assert c.get("/ledger/verify").json() == {"ok": True, "events": rec["seq"], "problems": []}
         rv = c.post("/revert", json={"id": rec["id"]})
