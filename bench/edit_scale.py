@@ -24,6 +24,17 @@ sentences larger. That isolates how an edit's cost grows with the background.
     python bench/edit_scale.py --model runs/small --n 200 --threads 1 --background-extra 100000
     python bench/edit_scale.py --model runs/small --n 200 --threads 1 --option guard_reads=0
 
+``--work DIR`` keeps the model copy, its ledger and the run's progress in DIR
+instead of a temporary directory, and running the same command again goes on
+from the edits DIR's ledger already holds: a run of many hours (T = 10,000 on
+the CounterFact world) can be stopped and continued. The Loc-bg sample and the
+answers every locality prompt gave before any edit are stored there on the
+first run; per-edit times are appended to ``DIR/progress.jsonl``. Peak memory
+is per process: a continued run reports the peak of the process that reopened
+the ledger with its live edits.
+
+    python bench/edit_scale.py --model runs/cf10k --edits PATH/counterfact-train.json --n 10000 --work runs/cf10k-10k --json-out runs/cf10k-10k.json
+
 ``--batch N`` applies the edits N at a time (:meth:`Editor.edit_batch`, one ledger
 event each) and reports per-batch times. ``--min-answer-tokens N`` keeps only the
 records whose new target is N or more tokens (answer tokens, the end-of-text token
@@ -89,7 +100,8 @@ def main() -> None:
     ap.add_argument("--min-answer-tokens", type=int, default=0, help="only targets of at least N tokens")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workdir", type=Path, default=None, help="where the model copy goes (default: a temp dir)")
+    ap.add_argument("--workdir", type=Path, default=None, help="where the temporary model copy goes (default: the system's temp dir)")
+    ap.add_argument("--work", type=Path, default=None, help="keep the model copy and progress here, and continue a run stopped there")
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -104,9 +116,29 @@ def main() -> None:
     from knowedit.side_files import CORPUS_FILE, STATS_DOCS_FILE, STATS_FILE, read_docs
 
     options = dict(parse_option(o) for o in args.option)
-    work = Path(tempfile.mkdtemp(prefix="edit_scale.", dir=args.workdir))
+    settings = {  # what a continued run must share with the run it continues
+        "model": str(args.model.resolve()), "edits": str((args.edits or (args.model / "edits.jsonl")).resolve()),
+        "options": options, "batch": max(1, args.batch), "min_answer_tokens": args.min_answer_tokens,
+        "background_extra": args.background_extra, "loc_sample": args.loc_sample, "seed": args.seed,
+    }  # fmt: skip
+    resumed = False
+    if args.work is not None:
+        work = args.work
+        state_file = work / "state.json"
+        if state_file.is_file():
+            state = json.loads(state_file.read_text())
+            if state["settings"] != settings:
+                sys.exit(f"{work} holds a run with other settings: {state['settings']}")
+            resumed = True
+        else:
+            if work.exists() and any(work.iterdir()):
+                sys.exit(f"--work {work} exists and holds no run of this bench")
+            work.mkdir(parents=True, exist_ok=True)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="edit_scale.", dir=args.workdir))
     model = work / "model"
-    shutil.copytree(args.model, model, ignore=shutil.ignore_patterns("ledger.db*"))
+    if not resumed:
+        shutil.copytree(args.model, model, ignore=shutil.ignore_patterns("ledger.db*"))
     reqs = load_records(args.edits or (args.model / "edits.jsonl"))
     if args.min_answer_tokens:
         from knowedit.checkpoint import load_checkpoint
@@ -116,7 +148,7 @@ def main() -> None:
     reqs = reqs[: args.n]
     if len(reqs) < args.n:
         sys.exit(f"only {len(reqs)} records for --n {args.n}")
-    if args.background_extra:
+    if args.background_extra and not resumed:
         docs = read_docs(model / CORPUS_FILE) + extra_background(args.background_extra, seed=args.seed + 1)
         write_jsonl(model / CORPUS_FILE, [{"prompt": d.prompt, "answer": d.answer} for d in docs])
         for name in (STATS_FILE, STATS_DOCS_FILE):
@@ -127,16 +159,22 @@ def main() -> None:
     stats_s = time.perf_counter() - t0
     scorer = ModelScorer(ed.model, ed.codec)
 
-    # Background sample for Loc-bg: sentences that name no edited subject.
-    subjects = [r.subject or "" for r in reqs]
-    rng = random.Random(args.seed)
-    pool = [d for d in ed.docs if not any(s and s in d.prompt for s in subjects)]
-    sample = rng.sample(pool, min(args.loc_sample, len(pool)))
-    bg_before = scorer.greedy([d.prompt for d in sample])
     loc_prompts = [p for r in reqs for p in r.locality_prompt]
     edited = {q.strip() for r in reqs for q in (r.prompt, *r.rephrase_prompt)}
     loc_prompts = [p for p in loc_prompts if p.strip() not in edited]
-    loc_before = scorer.greedy(loc_prompts)
+    if resumed:  # the answers before any edit, from the first run
+        sample_prompts, bg_before, loc_before = state["sample"], state["bg_before"], state["loc_before"]
+    else:
+        # Background sample for Loc-bg: sentences that name no edited subject.
+        subjects = [r.subject or "" for r in reqs]
+        rng = random.Random(args.seed)
+        pool = [d for d in ed.docs if not any(s and s in d.prompt for s in subjects)]
+        sample_prompts = [d.prompt for d in rng.sample(pool, min(args.loc_sample, len(pool)))]
+        bg_before = scorer.greedy(sample_prompts)
+        loc_before = scorer.greedy(loc_prompts)
+        if args.work is not None:
+            state = {"settings": settings, "sample": sample_prompts, "bg_before": bg_before, "loc_before": loc_before}
+            (work / "state.json").write_text(json.dumps(state) + "\n")
 
     marks = sorted({int(c) for c in args.checkpoints.split(",") if c} | {args.n})
 
@@ -152,12 +190,12 @@ def main() -> None:
         """Rel/Gen over the ``done`` requests, and both localities, on the model as it is now."""
         rel, gen = reliability(scorer, done), generalization(scorer, done)
         loc_tf, loc_g = kept(loc_prompts, loc_before)
-        bg_tf, bg_g = kept([d.prompt for d in sample], bg_before)
+        bg_tf, bg_g = kept(sample_prompts, bg_before)
         return {
             "rel_tf": rel["teacher_forced"], "rel_greedy": rel["greedy"],
             "gen_tf": gen["teacher_forced"], "gen_greedy": gen["greedy"],
             "loc_tf": loc_tf, "loc_greedy": loc_g, "loc_prompts": len(loc_prompts),
-            "loc_bg_tf": bg_tf, "loc_bg_greedy": bg_g, "loc_bg_prompts": len(sample),
+            "loc_bg_tf": bg_tf, "loc_bg_greedy": bg_g, "loc_bg_prompts": len(sample_prompts),
         }  # fmt: skip
 
     out: dict = {
@@ -182,21 +220,53 @@ def main() -> None:
 
     times, guards, steps, ok, rss = [], [], [], 0, {}
     size = max(1, args.batch)
-    for start in range(0, len(reqs), size):
+    first = 0
+    progress = work / "progress.jsonl"
+    warm = {0}  # edits whose time is left out of the medians: each process's first builds the indexes
+    if resumed:
+        rows_done = [json.loads(line) for line in progress.read_text().splitlines() if line.strip()] if progress.is_file() else []
+        n_live = len(ed.live_edits())
+        if len(rows_done) > n_live:
+            sys.exit(f"{work}: progress.jsonl has {len(rows_done)} edits, the ledger only {n_live} live")
+        first = n_live * size  # the ledger is the truth; a line lost to a kill only loses that edit's time
+        for row in rows_done:
+            if row.get("warm"):
+                warm.add(len(times))
+            times.append(row["ms"])
+            guards.append(row["guards"])
+            steps.append(row["steps"])
+            ok += row["ok"]
+        warm.add(len(times))
+        previous = json.loads(args.json_out.read_text()) if args.json_out and args.json_out.is_file() else {}
+        out["checkpoints"] = previous.get("checkpoints", [])
+        out["continued_at"] = [*previous.get("continued_at", []), first]
+        out["times_lost"] = previous.get("times_lost", 0) + (n_live - len(rows_done))
+        if first >= args.n:
+            sys.exit(f"{work} already holds {first} edits (--n {args.n}); --json-out has its results")
+        print(f"continuing at {first}/{args.n} edits", file=sys.stderr)
+    def steady() -> list[float]:
+        return [x for k, x in enumerate(times) if k not in warm]
+
+    for start in range(first, len(reqs), size):
         chunk = reqs[start : start + size]
         i = start + len(chunk)
         t = time.perf_counter()
         if len(chunk) == 1:  # a batch of one is an edit (its record lists no requests)
             rec = ed.apply(chunk[0], allow_failed=True, **options)
-            ok += bool(rec.metrics["success"])
+            k_ok = int(bool(rec.metrics["success"]))
         else:
             rec = ed.edit_batch(chunk, allow_failed=True, **options)
-            ok += sum(bool(q["success"]) for q in rec.metrics["requests"])
+            k_ok = sum(bool(q["success"]) for q in rec.metrics["requests"])
+        ok += k_ok
         times.append((time.perf_counter() - t) * 1000)
         guards.append(rec.metrics["guards"])
         steps.append(rec.metrics["steps"])
+        if args.work is not None:  # after the commit: a line here means its edit is in the ledger
+            with progress.open("a") as f:
+                line = {"ms": round(times[-1], 1), "guards": guards[-1], "steps": steps[-1], "ok": k_ok, "warm": len(times) - 1 in warm}
+                f.write(json.dumps(line) + "\n")
         if i % 50 < size:
-            print(f"{i}/{args.n} edits, median {statistics.median(times[1:] or times):.1f} ms, peak RSS {peak_rss_mb():.0f} MB", file=sys.stderr)
+            print(f"{i}/{args.n} edits, median {statistics.median(steady() or times):.1f} ms, peak RSS {peak_rss_mb():.0f} MB", file=sys.stderr)
         reached = [m for m in marks if start < m <= i]
         if not reached:
             continue
@@ -204,10 +274,10 @@ def main() -> None:
             rss[m] = round(peak_rss_mb(), 1)
         t = time.perf_counter()
         row = {"T": i, "peak_rss_mb": rss[reached[-1]], **quality(reqs[:i])}
-        rest = times[1:] or times
+        rest = steady() or times
         row.update(
             edit_ms_median=round(statistics.median(rest), 1), edit_ms_p95=round(pct(rest, 0.95), 1),
-            success=round(ok / i, 4), score_s=round(time.perf_counter() - t, 1),
+            success=round(ok / max(1, len(times) * size), 4), score_s=round(time.perf_counter() - t, 1),
             date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         )  # fmt: skip
         out["checkpoints"].append(row)
@@ -215,7 +285,7 @@ def main() -> None:
               f"Loc-bg {row['loc_bg_tf']} peak RSS {row['peak_rss_mb']} MB", file=sys.stderr)  # fmt: skip
         write()
 
-    rest = times[1:] or times
+    rest = steady() or times
     final = out["checkpoints"][-1]
     out.update(
         first_edit_ms=round(times[0], 1),
@@ -223,13 +293,14 @@ def main() -> None:
         edit_ms_p95=round(pct(rest, 0.95), 1),
         guards_median=statistics.median(guards),
         steps_median=statistics.median(steps),
-        success=round(ok / args.n, 4),
+        success=round(ok / max(1, len(times) * size), 4),
         peak_rss_mb=rss,
         **{k: final[k] for k in final if k.startswith(("rel_", "gen_", "loc_"))},
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     )
     ed.close()
-    shutil.rmtree(work, ignore_errors=True)
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(out, indent=2))
     write()
 
