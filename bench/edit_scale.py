@@ -112,7 +112,7 @@ def main() -> None:
     from knowedit.data import load_records, write_jsonl
     from knowedit.data.records import Example
     from knowedit.editor import Editor
-    from knowedit.evaluate import ModelScorer, generalization, reliability
+    from knowedit.evaluate import ModelScorer, edited_fact_statements, generalization, reliability
     from knowedit.side_files import CORPUS_FILE, STATS_DOCS_FILE, STATS_FILE, read_docs
 
     options = dict(parse_option(o) for o in args.option)
@@ -161,7 +161,7 @@ def main() -> None:
 
     loc_prompts = [p for r in reqs for p in r.locality_prompt]
     edited = {q.strip() for r in reqs for q in (r.prompt, *r.rephrase_prompt)}
-    loc_prompts = [p for p in loc_prompts if p.strip() not in edited]
+    loc_prompts = [p for p in loc_prompts if p.strip() not in edited]  # the rule before 2026-12-05 ("loc_all")
     if resumed:  # the answers before any edit, from the first run
         sample_prompts, bg_before, loc_before = state["sample"], state["bg_before"], state["loc_before"]
     else:
@@ -186,15 +186,22 @@ def main() -> None:
         after = scorer.greedy(prompts)
         return (round(sum(tf) / len(tf), 4) if tf else None), round(sum(a == b for a, b in zip(after, before)) / len(prompts), 4)
 
+    # Loc leaves out the locality prompts that state a fact one of the T edits changes
+    # (knowedit.evaluate.edited_fact_statements, as `knowedit eval` does); "loc_all" keeps them.
+    states = edited_fact_statements(reqs)
+    loc_keep = [(p, b) for p, b in zip(loc_prompts, loc_before) if not states(p, b)]
+
     def quality(done: list) -> dict:
         """Rel/Gen over the ``done`` requests, and both localities, on the model as it is now."""
         rel, gen = reliability(scorer, done), generalization(scorer, done)
-        loc_tf, loc_g = kept(loc_prompts, loc_before)
+        loc_tf, loc_g = kept([p for p, _ in loc_keep], [b for _, b in loc_keep])
+        all_tf, all_g = kept(loc_prompts, loc_before)
         bg_tf, bg_g = kept(sample_prompts, bg_before)
         return {
             "rel_tf": rel["teacher_forced"], "rel_greedy": rel["greedy"],
             "gen_tf": gen["teacher_forced"], "gen_greedy": gen["greedy"],
-            "loc_tf": loc_tf, "loc_greedy": loc_g, "loc_prompts": len(loc_prompts),
+            "loc_tf": loc_tf, "loc_greedy": loc_g, "loc_prompts": len(loc_keep),
+            "loc_all_tf": all_tf, "loc_all_greedy": all_g, "loc_all_prompts": len(loc_prompts),
             "loc_bg_tf": bg_tf, "loc_bg_greedy": bg_g, "loc_bg_prompts": len(sample_prompts),
         }  # fmt: skip
 
@@ -282,7 +289,7 @@ def main() -> None:
         )  # fmt: skip
         out["checkpoints"].append(row)
         print(f"{i}/{args.n} edits scored: Rel {row['rel_tf']} Gen {row['gen_tf']} Loc {row['loc_tf']} "
-              f"Loc-bg {row['loc_bg_tf']} peak RSS {row['peak_rss_mb']} MB", file=sys.stderr)  # fmt: skip
+              f"(all {row['loc_all_tf']}) Loc-bg {row['loc_bg_tf']} peak RSS {row['peak_rss_mb']} MB", file=sys.stderr)  # fmt: skip
         write()
 
     rest = steady() or times

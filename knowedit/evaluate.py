@@ -218,12 +218,35 @@ def locality_answers(scorer: Scorer, requests: Sequence[EditRequest]) -> list[li
     return out
 
 
+def edited_fact_statements(requests: Sequence[EditRequest]) -> Callable[[str, str], bool]:
+    """A test of whether a prompt with its pre-edit answer states a fact that one of
+    ``requests`` changes: the prompt is an edit's prompt or rephrase, or it names an
+    edit's subject and was answered with that edit's old answer (``ground_truth``),
+    as a co-phrasing is. Such a prompt is meant to change with the edit."""
+    edited = {q.strip() for r in requests for q in (r.prompt, *r.rephrase_prompt)}
+    old: dict[str, set[str]] = {}
+    for r in requests:
+        if r.subject and r.ground_truth:
+            old.setdefault(r.ground_truth.strip(), set()).add(r.subject.strip())
+
+    def states(prompt: str, answer: str) -> bool:
+        if prompt.strip() in edited:
+            return True
+        return any(s in prompt for s in old.get(answer.strip(), ()))
+
+    return states
+
+
 def locality(scorer: Scorer, requests: Sequence[EditRequest], before: Sequence[Sequence[str]]) -> dict:
     """Locality prompts keep their pre-edit answers.
 
-    A locality prompt that is itself the prompt or a rephrase of one of the
-    ``requests`` is meant to change: it is left out, and counted in
-    ``excluded`` (in a small world, e.g. T = every fact, that can be most of them).
+    A locality prompt that states a fact one of the ``requests`` changes
+    (:func:`edited_fact_statements`: it is an edit's prompt or rephrase, or it
+    names an edit's subject and the model answered it with that edit's old
+    answer) is meant to change: it is left out, and counted in ``excluded`` (in
+    a small world, e.g. T = every fact, that can be most of them). In a run of
+    many CounterFact edits, one record's neighbourhood prompt is sometimes
+    another edited record's fact in other words.
 
     Teacher-forced: share of the pre-edit greedy answer's tokens that stay the
     argmax. Greedy: the completion equals the pre-edit one. A pre-edit answer
@@ -237,11 +260,8 @@ def locality(scorer: Scorer, requests: Sequence[EditRequest], before: Sequence[S
     """
     if len(before) != len(requests) or any(len(b) != len(r.locality_prompt) for b, r in zip(before, requests)):
         raise ValueError("before must hold one answer per locality prompt of every request")
-    edited = {q.strip() for r in requests for q in (r.prompt, *r.rephrase_prompt)}
-    groups = [
-        [Example(p, a) for p, a in zip(r.locality_prompt, b) if p.strip() not in edited]
-        for r, b in zip(requests, before)
-    ]
+    states = edited_fact_statements(requests)
+    groups = [[Example(p, a) for p, a in zip(r.locality_prompt, b) if not states(p, a)] for r, b in zip(requests, before)]
     out = _score(scorer, groups)
     out["excluded"] = sum(len(r.locality_prompt) for r in requests) - out["prompts"]
     return out

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from knowedit.cli.app import app
 from knowedit.data import EditRequest, Example
 from knowedit.evaluate import (
+    edited_fact_statements,
     generalization,
     locality,
     locality_answers,
@@ -181,6 +182,32 @@ def test_locality_leaves_out_prompts_that_are_edited_themselves() -> None:
     # The prompt left in is still scored: moving it is caught.
     model.answers["c is"] = "moved"
     assert _both(locality(model, reqs, [["y", "z"], ["x"]])) == (0.0, 0.0)
+
+
+def test_locality_leaves_out_other_statements_of_an_edited_fact() -> None:
+    # Edit 1 changes Pirlo's sport (old answer soccer). Edit 0's neighbourhood prompt
+    # "Andrea Pirlo professionally plays" states that fact in other words, and the model
+    # answers it "soccer": it is meant to change. "Andrea Pirlo was born in" names the
+    # same subject but another fact (another answer), and stays a locality prompt.
+    model = FakeModel({
+        "Beckham plays": "soccer", "Andrea Pirlo professionally plays": "soccer",
+        "Andrea Pirlo was born in": "Flero", "Pirlo plays": "soccer",
+    })
+    reqs = [
+        EditRequest("Beckham plays", "tennis", subject="Beckham", ground_truth="soccer",
+                    locality_prompt=["Andrea Pirlo professionally plays", "Andrea Pirlo was born in"],
+                    locality_ground_truth=["soccer", "Flero"]),
+        EditRequest("Pirlo plays", "golf", subject="Andrea Pirlo", ground_truth="soccer"),
+    ]
+    before = locality_answers(model, reqs)
+    states = edited_fact_statements(reqs)
+    assert states("Andrea Pirlo professionally plays", "soccer") and states("Pirlo plays", "anything")
+    assert not states("Andrea Pirlo was born in", "Flero") and not states("Zidane plays", "soccer")
+    model.answers.update({"Andrea Pirlo professionally plays": "golf"})  # the edit's knock-on: not a locality loss
+    loc = locality(model, reqs, before)
+    assert loc["excluded"] == 1 and loc["prompts"] == 1 and _both(loc) == (1.0, 1.0)
+    model.answers["Andrea Pirlo was born in"] = "Milan"  # another fact of the subject moved: a loss
+    assert _both(locality(model, reqs, before)) == (0.0, 0.0)
 
 
 def test_locality_with_empty_pre_edit_answer_counts_in_greedy_only() -> None:
