@@ -150,13 +150,13 @@ def test_an_edit_that_fails_with_top_t_rows_is_retried_with_retry_top_t(model_di
     ed = Editor.open(model_dir)
     req = load_records(model_dir / "edits.jsonl")[0]
     before = _state(ed)
-    # One row and 20 steps: the first try cannot pass, and without a retry nothing is written.
+    # One row and 40 steps: the first try cannot pass, and without a retry nothing is written.
     with pytest.raises(EditError, match="did not reach its target"):
-        ed.edit(req.prompt, req.target_new, subject=req.subject, top_t=1, max_steps=20, retry_top_t=0)
+        ed.edit(req.prompt, req.target_new, subject=req.subject, top_t=1, max_steps=40, retry_top_t=0)
     assert all(torch.equal(before[k], v) for k, v in _state(ed).items())
-    rec = ed.edit(req.prompt, req.target_new, subject=req.subject, top_t=1, max_steps=20, retry_top_t=64)
+    rec = ed.edit(req.prompt, req.target_new, subject=req.subject, top_t=1, max_steps=40, retry_top_t=64)
     assert rec.metrics["retried"] and rec.metrics["top_t"] == 64 and rec.metrics["success"]
-    assert rec.metrics["first_try_steps"] == 20  # the one-row try spent its budget
+    assert rec.metrics["first_try_steps"] == 40  # the one-row try spent its budget
     assert len(rec.slots) > 1  # the second try used more than the first try's one row
     assert ed.ask(req.prompt) == req.target_new
     ok = ed.edit(req.rephrase_prompt[0], req.target_new, subject=req.subject)
