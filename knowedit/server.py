@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from knowedit.edit_options import EditOptions
 from knowedit.errors import KnoweditError, OptionError
 from knowedit.events import event_detail, event_summary
 
@@ -311,10 +312,15 @@ class _EditSettings(_Body):
         out: dict[str, object] = {
             k: v for k, v in (("top_t", self.top_t), ("max_steps", self.max_steps), ("conflict", self.conflict)) if v is not None
         }
-        for key, value in (self.edit_options or {}).items():
-            if key in ("top_t", "max_steps", "conflict", "allow_failed"):
-                raise OptionError(f"edit_options: give {key} as its own field")
-            out[key] = value
+        extra = self.edit_options or {}
+        clash = sorted(set(extra) & {"top_t", "max_steps", "conflict", "allow_failed"})
+        if clash:
+            raise OptionError(f"edit_options: give {', '.join(clash)} as its own field")
+        out.update(extra)
+        try:  # only EditOptions fields: anything else would reach Editor.apply as one of its own arguments
+            EditOptions.from_mapping(out)
+        except ValueError as err:
+            raise OptionError(str(err)) from None
         if self.allow_failed:  # only when asked: the Editor's default refuses such an edit
             out["allow_failed"] = True
         return out
