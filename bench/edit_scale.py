@@ -251,6 +251,7 @@ def main() -> None:
         if first >= args.n:
             sys.exit(f"{work} already holds {first} edits (--n {args.n}); --json-out has its results")
         print(f"continuing at {first}/{args.n} edits", file=sys.stderr)
+
     def steady() -> list[float]:
         return [x for k, x in enumerate(times) if k not in warm]
 

@@ -101,8 +101,9 @@ def apply(
         raise fail(f"--max-steps must be at least 1, got {max_steps} (with no step nothing would change)")
     opts = {"top_t": top_t, "max_steps": max_steps, "conflict": conflict}
     extra = parse_options(option or [])
-    for key in sorted(set(extra) & set(opts)):
-        raise fail(f"--option {key}=... : use --{key.replace('_', '-')} for that one")
+    clash = sorted(set(extra) & set(opts))
+    if clash:
+        raise fail(f"--option {clash[0]}=... : use --{clash[0].replace('_', '-')} for that one")
     opts.update(extra)
     from knowedit.edit_options import EditOptions
 
