@@ -17,6 +17,7 @@ from knowedit.update import (
     EditOptions,
     _FinalLayer,
     _GuardCheck,
+    candidate_logits,
     final_layer_rows,
     final_selection,
     margins,
@@ -176,3 +177,20 @@ def test_an_edit_started_from_its_own_result_is_done_at_once(setup) -> None:
     b = final_layer_rows(ed.model, ed.codec, [ex], slots, guards, opts, init=a.rows[next(iter(a.rows))].float() - base)
     assert b.success and b.steps == 0
     assert torch.allclose(b.rows[next(iter(b.rows))].float(), a.rows[next(iter(a.rows))].float(), atol=1e-6)
+
+
+def test_candidate_logits_match_the_gathered_product_across_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chunked gather scores each row's own tokens, also where rows span several chunks,
+    and passes gradients to the hidden states (the active guards' hinge needs them)."""
+    import knowedit.update as update
+
+    g = torch.Generator().manual_seed(0)
+    head_w = torch.randn(50, 16, generator=g)
+    hid = torch.randn(23, 16, generator=g, requires_grad=True)
+    tokens = torch.randint(0, 50, (23, 4), generator=g)
+    want = torch.einsum("rd,rcd->rc", hid, head_w[tokens])
+    monkeypatch.setattr(update, "GATHER_ROWS", 5)  # 23 rows: five chunks, the last one short
+    got = candidate_logits(hid, head_w, tokens)
+    assert torch.allclose(got, want, atol=1e-5)
+    got.sum().backward()
+    assert torch.allclose(hid.grad, head_w[tokens].sum(1), atol=1e-5)
