@@ -153,51 +153,97 @@ class LiveReads:
     """The live edits' answer positions in the last memory layer, as flat tensors.
 
     Per position: the edit's id and prompt, the residual stream before the last
-    memory layer, and the (slots, weights) that layer reads there.
+    memory layer, and the (slots, weights) that layer reads there. Rows live in
+    growable buffers (a few hundred bytes each), appended as edits are added; a
+    discarded edit's rows are dropped from the buffers when they are half dead.
     """
 
     def __init__(self) -> None:
-        self._per_edit: dict[str, list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-        self._flat: tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-
-    def __contains__(self, edit_id: str) -> bool:
-        return edit_id in self._per_edit
-
-    def add(self, edit_id: str, reads: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
-        self._per_edit[edit_id] = reads
-        self._flat = None
-
-    def discard(self, edit_id: str) -> None:
-        if self._per_edit.pop(edit_id, None) is not None:
-            self._flat = None
+        self.clear()
 
     def clear(self) -> None:
-        self._per_edit.clear()
-        self._flat = None
+        self._rows: dict[str, tuple[int, int]] = {}
+        """edit id -> its rows' number in :attr:`_edit_of` (the edit's serial) and count"""
+        self._ids: list[str | None] = []  # per serial: the edit id (None once discarded)
+        self._prompts: list[str] = []
+        self._edit_of = torch.zeros(0, dtype=torch.long)  # per row: its edit's serial
+        self._x: torch.Tensor | None = None
+        self._s: torch.Tensor | None = None
+        self._w: torch.Tensor | None = None
+        self._n = 0
+        self._dead = 0
+
+    def __contains__(self, edit_id: str) -> bool:
+        return edit_id in self._rows
+
+    def __len__(self) -> int:
+        """Rows of live (not discarded) edits."""
+        return self._n - self._dead
+
+    def add(self, edit_id: str, reads: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        self.discard(edit_id)
+        serial = len(self._ids)
+        self._ids.append(edit_id)
+        self._rows[edit_id] = (serial, len(reads))
+        if not reads:
+            return
+        x = torch.stack([r[1] for r in reads])
+        s = torch.stack([r[2] for r in reads])
+        w = torch.stack([r[3] for r in reads])
+        n = x.shape[0]
+        if self._x is None or self._n + n > self._x.shape[0]:
+            cap = max(256, 2 * (self._n + n))
+            self._x = _grow(self._x, cap, x, self._n)
+            self._s = _grow(self._s, cap, s, self._n)
+            self._w = _grow(self._w, cap, w, self._n)
+            self._edit_of = torch.cat([self._edit_of[: self._n], torch.zeros(cap - self._n, dtype=torch.long)])
+        assert self._s is not None and self._w is not None
+        self._x[self._n : self._n + n] = x
+        self._s[self._n : self._n + n] = s
+        self._w[self._n : self._n + n] = w
+        self._edit_of[self._n : self._n + n] = serial
+        self._prompts.extend(r[0] for r in reads)
+        self._n += n
+
+    def discard(self, edit_id: str) -> None:
+        found = self._rows.pop(edit_id, None)
+        if found is None:
+            return
+        serial, n = found
+        self._ids[serial] = None
+        self._dead += n
+        if self._dead and 2 * self._dead >= self._n:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop the discarded edits' rows (the buffers keep their capacity)."""
+        assert self._x is not None and self._s is not None and self._w is not None
+        alive = self._alive(set(self._rows))
+        keep = torch.nonzero(alive).flatten()
+        n = keep.numel()
+        self._x[:n] = self._x[keep]
+        self._s[:n] = self._s[keep]
+        self._w[:n] = self._w[keep]
+        self._edit_of[:n] = self._edit_of[keep]
+        self._prompts = [self._prompts[i] for i in keep.tolist()]
+        self._n, self._dead = n, 0
+
+    def _alive(self, live: set[str]) -> torch.Tensor:
+        """(rows,) bool: rows whose edit is held and in ``live``."""
+        ok = torch.tensor([eid is not None and eid in live for eid in self._ids], dtype=torch.bool)
+        return ok[self._edit_of[: self._n]] if ok.numel() else torch.zeros(self._n, dtype=torch.bool)
 
     def reading(self, slots: torch.Tensor, width: int, live: set[str]) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Positions of edits in ``live`` that read any of ``slots`` (sorted):
-        their prompts, residuals (n, C), read slots and weights (n, H*k)."""
-        if self._flat is None:
-            prompts, xs, ss, ws = [], [], [], []
-            for eid, reads in self._per_edit.items():
-                for prompt, x, s, w in reads:
-                    prompts.append((eid, prompt))
-                    xs.append(x)
-                    ss.append(s)
-                    ws.append(w)
-            if xs:
-                self._flat = (prompts, torch.stack(xs), torch.stack(ss), torch.stack(ws))  # type: ignore[assignment]
-            else:
-                e = torch.zeros(0, 0)
-                self._flat = ([], torch.zeros(0, width), e.long(), e)
-        owners, x, s, w = self._flat  # type: ignore[misc]
-        if not owners:
-            return [], x, s, w
-        hit = torch.isin(s, slots).any(1)
-        hit &= torch.tensor([eid in live for eid, _ in owners], dtype=torch.bool)  # type: ignore[misc]
+        """Positions of edits in ``live`` that read any of ``slots`` (in the order the
+        edits were added): their prompts, residuals (n, C), read slots and weights (n, H*k)."""
+        if self._x is None or not self._n:
+            e = torch.zeros(0, 0)
+            return [], torch.zeros(0, width), e.long(), e
+        assert self._s is not None and self._w is not None
+        s = self._s[: self._n]
+        hit = torch.isin(s, slots).any(1) & self._alive(live)
         idx = torch.nonzero(hit).flatten()
-        return [owners[i][1] for i in idx.tolist()], x[idx], s[idx], w[idx]  # type: ignore[index]
+        return [self._prompts[i] for i in idx.tolist()], self._x[idx], s[idx], self._w[idx]
 
 
 class GuardBuilder:
@@ -253,7 +299,7 @@ class GuardBuilder:
             st, ln = int(b.answer_start[i]), int(b.answer_len[i])
             ids, w, _ = final_selection(self.model, x[i, st : st + ln])
             for j in range(ln):
-                out.append((prompt.strip(), x[i, st + j], ids[j].cpu(), w[j].cpu().float()))
+                out.append((prompt.strip(), x[i, st + j].cpu(), ids[j].cpu(), w[j].cpu().float()))
         return out
 
     def _reads(

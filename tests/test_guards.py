@@ -10,7 +10,7 @@ import torch
 
 from knowedit.data import Example, load_records
 from knowedit.editor import Editor
-from knowedit.guards import BackgroundCache, strongest_mask
+from knowedit.guards import BackgroundCache, LiveReads, strongest_mask
 from knowedit.inference import encode_examples
 from knowedit.locate import slots_by_pool
 from knowedit.update import EditOptions, final_selection
@@ -98,3 +98,48 @@ def test_a_bounded_edit_keeps_every_background_answer(editor: Editor, monkeypatc
     assert rec.metrics["guards_checked"] > 0
     assert greedy(editor.model, editor.codec, others) == before
     assert editor.verify() == []
+
+
+def test_live_reads_add_discard_and_compact_against_a_plain_list() -> None:
+    """LiveReads answers as a plain per-edit list would, through adds, re-adds,
+    discards and the compaction they trigger; it keeps copies, not views of the
+    caller's (larger) tensors."""
+    g = torch.Generator().manual_seed(1)
+    ref: dict[str, list] = {}
+    lr = LiveReads()
+
+    def reads(n: int) -> list:
+        big = torch.randn(n, 4, 8, generator=g)  # a batch's residuals: each read is a view of it
+        return [(f"p{k}", big[k, 0], torch.randint(0, 20, (3,), generator=g), torch.rand(3, generator=g)) for k in range(n)]
+
+    def check(live: set[str], slots: torch.Tensor) -> None:
+        want = [(p, x, s, w) for eid, rs in ref.items() if eid in live for p, x, s, w in rs if torch.isin(s, slots).any()]
+        prompts, x, s, w = lr.reading(slots, 8, live)
+        assert prompts == [r[0] for r in want]
+        if want:
+            assert torch.equal(x, torch.stack([r[1] for r in want]))
+            assert torch.equal(s, torch.stack([r[2] for r in want]))
+            assert torch.equal(w, torch.stack([r[3] for r in want]))
+        else:
+            assert x.shape == (0, 8)
+
+    rng = torch.Generator().manual_seed(2)
+    for _step in range(60):
+        op = int(torch.randint(0, 3, (1,), generator=rng))
+        eid = f"e{int(torch.randint(0, 12, (1,), generator=rng))}"
+        if op < 2:
+            rs = reads(int(torch.randint(0, 4, (1,), generator=rng)))
+            lr.add(eid, rs)
+            ref.pop(eid, None)
+            ref[eid] = [(p, x.clone(), s.clone(), w.clone()) for p, x, s, w in rs]  # a re-add moves the edit last
+            for _p, x, s, w in rs:  # the caller's tensors change after the add: LiveReads kept copies
+                x.zero_(), s.zero_(), w.zero_()
+        else:
+            lr.discard(eid)
+            ref.pop(eid, None)
+        assert (eid in lr) == (eid in ref)
+        assert len(lr) == sum(len(v) for v in ref.values())
+        live = {e for e in ref if int(e[1:]) % 3}  # some held edits are not live
+        check(live, torch.randint(0, 20, (4,), generator=rng))
+    lr.clear()
+    assert len(lr) == 0 and lr.reading(torch.tensor([1]), 8, set())[1].shape == (0, 8)
