@@ -249,6 +249,8 @@ class _FinalLayer:
         return self.model.head(self.hidden(delta, rows)).float()
 
 
+MARGIN_ROWS = 8192
+"""Guards whose margins are scored at a time when every guard is checked."""
 GATHER_ROWS = 2048
 """Rows per chunk of :func:`candidate_logits` (its gathered head rows stay in cache)."""
 
@@ -292,7 +294,10 @@ class _GuardCheck:
         self.G = self.hid0.shape[0]
         n_top = min(8, head_w.shape[0])
         # The whole vocabulary's logits a chunk of guards at a time: only their top ones are kept.
-        tops = [logits.topk(max(2, n_top), dim=-1) for _rows, logits in head_chunks(run.model, self.hid0)]
+        tops = []
+        for _rows, logits in head_chunks(run.model, self.hid0):
+            tops.append(logits.topk(max(2, n_top), dim=-1))
+            del logits  # before the next chunk is computed
         top_v = torch.cat([t.values for t in tops]) if tops else self.hid0.new_zeros(0, max(2, n_top))
         top_i = torch.cat([t.indices for t in tops]) if tops else torch.zeros(0, max(2, n_top), dtype=torch.long, device=self.hid0.device)
         self.tok = top_i[:, 0]  # (G,) greedy tokens before the edit
@@ -338,46 +343,61 @@ class _GuardCheck:
 
     def margins(self, delta: torch.Tensor, rows: torch.Tensor | None = None, full: bool = False) -> torch.Tensor:
         """Margins at guards ``rows`` (default all) on their candidates; with
-        ``full``, exact in sign for every guard (exact in value where it flipped)."""
+        ``full``, exact in sign for every guard (exact in value where it flipped).
+
+        Without gradients, all guards are scored ``MARGIN_ROWS`` at a time, so the
+        check's temporaries stay bounded however many guards an edit has."""
         if rows is not None:
             return self.take(rows).margins(delta, full=full)
-        hid = self.run.hidden(delta, slice(self.offset, None))
-        lg = candidate_logits(hid, self.head_w, self.scored)
+        if torch.is_grad_enabled() or self.G <= MARGIN_ROWS:
+            return self._margins(delta, 0, self.G, full)
+        return torch.cat([self._margins(delta, s, min(s + MARGIN_ROWS, self.G), full) for s in range(0, self.G, MARGIN_ROWS)])
+
+    def _margins(self, delta: torch.Tensor, lo: int, hi: int, full: bool) -> torch.Tensor:
+        """:meth:`margins` of guards ``lo..hi``."""
+        part = slice(lo, hi)
+        hid = self.run.hidden(delta, slice(self.offset + lo, self.offset + hi))
+        lg = candidate_logits(hid, self.head_w, self.scored[part])
         own = lg[:, 0]
-        rival = (lg[:, 1:] + self.ignore).amax(1)
+        rival = (lg[:, 1:] + self.ignore[part]).amax(1)
         if self.w_tgt.shape[0]:
-            rival = torch.maximum(rival, (hid @ self.w_tgt.T + self.tgt_ignore).amax(1))
+            rival = torch.maximum(rival, (hid @ self.w_tgt.T + self.tgt_ignore[part]).amax(1))
         if self.ex_row.numel():
-            val = (hid[self.ex_row] * self.head_w[self.ex_tok]).sum(-1)
-            rival = rival.scatter_reduce(0, self.ex_row, val, "amax", include_self=True)
+            mine = (self.ex_row >= lo) & (self.ex_row < hi)
+            if bool(mine.any()):
+                r = self.ex_row[mine] - lo
+                val = (hid[r] * self.head_w[self.ex_tok[mine]]).sum(-1)
+                rival = rival.scatter_reduce(0, r, val, "amax", include_self=True)
         m = own - rival
         if full:
-            outside = self.floor + self.w_max * (hid - self.anchor).norm(dim=1)
+            outside = self.floor[part] + self.w_max * (hid - self.anchor[part]).norm(dim=1)
             risky = torch.nonzero(~(own - outside > 0)).flatten()  # NaN counts as risky
             if risky.numel():
                 m = m.clone()
-                m[risky] = self._full_margins(hid, risky)
+                m[risky] = self._full_margins(hid, risky, lo)
         return m
 
-    def _full_margins(self, hid: torch.Tensor, risky: torch.Tensor) -> torch.Tensor:
-        """Whole-vocabulary margins of guards ``risky`` at hidden states ``hid`` (G, C);
-        each of them is re-anchored there (see the class)."""
+    def _full_margins(self, hid: torch.Tensor, risky: torch.Tensor, lo: int = 0) -> torch.Tensor:
+        """Whole-vocabulary margins of guards ``lo + risky`` at hidden states ``hid``
+        (rows of guards ``lo..``); each of them is re-anchored there (see the class)."""
         out, new_rival = [], []
         for rows, logits in head_chunks(self.run.model, hid[risky]):
-            g = risky[rows]
+            g = lo + risky[rows]
             out.append(margins(logits, self.tok[g]))
             scored = self.scored[g]
             n_out = logits.shape[1] - scored.shape[1]  # tokens outside the candidates
             if n_out <= 0:
                 self.floor[g] = float("-inf")
+                del logits
                 continue
             best = logits.scatter_(1, scored, float("-inf")).topk(min(2, n_out), dim=1)  # in place: no second buffer
             new_rival.append((g, best.indices[:, 0]))
             # every token outside the candidates and the new rival is at or below this
             self.floor[g] = best.values[:, 1] if n_out >= 2 else float("-inf")
+            del logits, best  # before the next chunk is computed
         if self.anchor is self.hid0:  # the pre-edit states stay as they are
             self.anchor = self.anchor.clone()
-        self.anchor[risky] = hid[risky]
+        self.anchor[lo + risky] = hid[risky]
         for g, tok in new_rival:
             self.add_rivals(g, tok)
         return torch.cat(out)

@@ -194,3 +194,31 @@ def test_candidate_logits_match_the_gathered_product_across_chunks(monkeypatch: 
     assert torch.allclose(got, want, atol=1e-5)
     got.sum().backward()
     assert torch.allclose(hid.grad, head_w[tokens].sum(1), atol=1e-5)
+
+
+def test_margins_scored_in_chunks_equal_one_pass(setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scoring every guard a chunk at a time (bounded temporaries) gives the margins,
+    rivals, floors and anchors that one pass over all guards gives, along a path
+    of full checks."""
+    import knowedit.update as update
+
+    ed, ex, slots, guards = setup
+    run, one, M = _layer(ed, ex, slots, guards)
+    _run, chunked, _M = _layer(ed, ex, slots, guards)
+    assert one.G > 3 * 37
+    gen = torch.Generator().manual_seed(3)
+    direction = torch.randn(run.t, run.read.shape[1], generator=gen)
+    with torch.no_grad():
+        for scale in (3.0, 3.02, 6.0, 1.0):
+            delta = scale * direction
+            monkeypatch.setattr(update, "MARGIN_ROWS", 1 << 30)
+            a = one.margins(delta, full=True)
+            a_cand = one.margins(delta)
+            monkeypatch.setattr(update, "MARGIN_ROWS", 37)
+            b = chunked.margins(delta, full=True)
+            b_cand = chunked.margins(delta)
+            assert torch.equal(a < 0, b < 0), scale
+            assert torch.allclose(a, b, atol=1e-4) and torch.allclose(a_cand, b_cand, atol=1e-4), scale
+    assert chunked.ex_row.numel() > 0  # full checks added rivals: the chunks' share of them was tested
+    assert sorted(zip(one.ex_row.tolist(), one.ex_tok.tolist())) == sorted(zip(chunked.ex_row.tolist(), chunked.ex_tok.tolist()))
+    assert torch.allclose(one.floor, chunked.floor, atol=1e-4) and torch.allclose(one.anchor, chunked.anchor, atol=1e-5)
