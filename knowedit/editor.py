@@ -12,6 +12,7 @@ the first write (an edit or a learning run's commit), never by opening or readin
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -1257,9 +1258,20 @@ _NO_ROW = torch.empty(0)
 
 
 def _slim(ev: Event) -> Event:
-    """``ev`` with its rows' (pool, slot) only: the before/after rows stay in the
-    ledger (10,000 CounterFact edits would otherwise hold over a gigabyte)."""
-    return replace(ev, rows=[RowChange(r.pool, r.slot, _NO_ROW, _NO_ROW) for r in ev.rows])
+    """``ev`` as the editor keeps a live edit: which rows it changed (pool, slot),
+    its request and its co-phrasings. The rows themselves, the settings and the
+    rest of the metrics stay in the ledger: 10,000 CounterFact edits would
+    otherwise hold over a gigabyte of rows, and their metrics (which list every
+    conflict) some 80 KB an edit as Python objects."""
+    metrics: dict = {}
+    if "cophrases" in ev.metrics:
+        metrics["cophrases"] = ev.metrics["cophrases"]
+    if isinstance(ev.metrics.get("requests"), list):
+        metrics["requests"] = [{"cophrases": q.get("cophrases", [])} for q in ev.metrics["requests"]]
+    return replace(
+        ev, settings={}, metrics=metrics,
+        rows=[RowChange(sys.intern(r.pool), r.slot, _NO_ROW, _NO_ROW) for r in ev.rows],
+    )  # fmt: skip
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -85,7 +85,7 @@ APPLY_KINDS = ("apply", "learn")
 EVENT_KINDS = (*APPLY_KINDS, "revert")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class RowChange:
     """One value row changed by an edit.
 
