@@ -304,7 +304,7 @@ class _GuardCheck:
         self.m0 = top_v[:, 0] - top_v[:, 1]  # full-vocabulary margins before the edit
         self.floor = top_v[:, -1]  # no token outside the candidates was above this...
         self.anchor = self.hid0  # ...at these hidden states
-        self.cand = cand = top_i[:, 1:n_top]  # (G, c) each guard's own rivals
+        cand = top_i[:, 1:n_top]  # (G, c) each guard's own rivals
         # Column 0 is the guard's own token: own and rival logits come from one
         # product, so a tie reads as a zero margin, never as a flip. Their head
         # rows are gathered a chunk at a time when scored, never kept per guard.
@@ -327,7 +327,7 @@ class _GuardCheck:
         out = _GuardCheck.__new__(_GuardCheck)
         out.run, out.offset, out.G = self.run.take(self.offset + rows), 0, rows.numel()
         out.head_w, out.w_max, out.w_tgt = self.head_w, self.w_max, self.w_tgt
-        for name in ("hid0", "tok", "m0", "floor", "anchor", "cand", "scored", "ignore", "tgt_ignore"):
+        for name in ("hid0", "tok", "m0", "floor", "anchor", "scored", "ignore", "tgt_ignore"):
             setattr(out, name, getattr(self, name)[rows])
         where = torch.full((self.G,), -1, dtype=torch.long, device=rows.device)
         where[rows] = torch.arange(rows.numel(), device=rows.device)
