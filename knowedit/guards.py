@@ -121,21 +121,8 @@ class BackgroundCache:
             self._append(xs, sel_ids, sel_w, sel_gate)
 
     def _append(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate: torch.Tensor | None) -> None:
-        n = x.shape[0]
-        if self.x is None or self.size + n > self.x.shape[0]:
-            cap = max(1024, 2 * (self.size + n))
-            self.x = _grow(self.x, cap, x, self.size)
-            self.ids = _grow(self.ids, cap, ids, self.size)
-            self.w = _grow(self.w, cap, w, self.size)
-            self.gate = None if gate is None else _grow(self.gate, cap, gate, self.size)
-        assert self.ids is not None and self.w is not None
-        self.x[self.size : self.size + n] = x
-        self.ids[self.size : self.size + n] = ids
-        self.w[self.size : self.size + n] = w
-        if gate is not None:
-            assert self.gate is not None
-            self.gate[self.size : self.size + n] = gate
-        self.size += n
+        self.x, self.ids, self.w, self.gate = _append_rows([self.x, self.ids, self.w, self.gate], self.size, [x, ids, w, gate], 1024)
+        self.size += x.shape[0]
 
     def selection(self, rows: torch.Tensor) -> Selection:
         assert self.ids is not None and self.w is not None
@@ -147,6 +134,23 @@ def _grow(buf: torch.Tensor | None, cap: int, like: torch.Tensor, used: int) -> 
     if buf is not None and used:
         out[:used] = buf[:used]
     return out
+
+
+def _append_rows(
+    bufs: list[torch.Tensor | None], used: int, rows: list[torch.Tensor | None], min_cap: int
+) -> list[torch.Tensor | None]:
+    """Buffers ``bufs`` (their first ``used`` rows filled) with ``rows`` written
+    after them, each grown to twice what it holds (at least ``min_cap``) when
+    full. A part that is None leaves its buffer None (an ungated layer)."""
+    n = next(r for r in rows if r is not None).shape[0]
+    if bufs[0] is None or used + n > bufs[0].shape[0]:
+        cap = max(min_cap, 2 * (used + n))
+        bufs = [None if r is None else _grow(b, cap, r, used) for b, r in zip(bufs, rows)]
+    for b, r in zip(bufs, rows):
+        if r is not None:
+            assert b is not None
+            b[used : used + n] = r
+    return bufs
 
 
 class LiveReads:
@@ -191,17 +195,10 @@ class LiveReads:
         s = torch.stack([r[2] for r in reads])
         w = torch.stack([r[3] for r in reads])
         n = x.shape[0]
-        if self._x is None or self._n + n > self._x.shape[0]:
-            cap = max(256, 2 * (self._n + n))
-            self._x = _grow(self._x, cap, x, self._n)
-            self._s = _grow(self._s, cap, s, self._n)
-            self._w = _grow(self._w, cap, w, self._n)
-            self._edit_of = torch.cat([self._edit_of[: self._n], torch.zeros(cap - self._n, dtype=torch.long)])
-        assert self._s is not None and self._w is not None
-        self._x[self._n : self._n + n] = x
-        self._s[self._n : self._n + n] = s
-        self._w[self._n : self._n + n] = w
-        self._edit_of[self._n : self._n + n] = serial
+        edit_of = torch.full((n,), serial, dtype=torch.long)
+        self._x, self._s, self._w, grown = _append_rows([self._x, self._s, self._w, self._edit_of], self._n, [x, s, w, edit_of], 256)
+        assert grown is not None
+        self._edit_of = grown
         self._prompts.extend(r[0] for r in reads)
         self._n += n
 
