@@ -1038,10 +1038,18 @@ class Editor:
         led = self._reader_ledger()
         if led is None:
             return []
+        # The live rows reflect the events up to ``seen``; another process may commit
+        # more while this runs. Those are replayed and checked too, but the live rows
+        # are compared with the replay as of ``seen``, not with edits they cannot hold.
+        seen = self._seq
         problems = list(led.verify_chain())
         state = {name: v.clone() for name, v in self.base.items()}
         applies: dict[str, Event] = {}
+        compared = False
         for ev in led.events():
+            if ev.seq > seen and not compared:
+                problems += self._compare_live(state)
+                compared = True
             applied = ev.kind in APPLY_KINDS
             rows = ev.rows if applied else applies.get(ev.edit_id, ev).rows
             src, dst = ("before", "after") if applied else ("after", "before")
@@ -1051,6 +1059,13 @@ class Editor:
                 state[r.pool][r.slot] = getattr(r, dst)
             if applied:
                 applies[ev.edit_id] = ev
+        if not compared:
+            problems += self._compare_live(state)
+        return problems
+
+    def _compare_live(self, state: dict[str, torch.Tensor]) -> list[str]:
+        """Problems where the live rows differ from the replayed ``state``."""
+        problems = []
         for name, v in self.pools.items():
             diff = (~_eq_rows(v.detach().cpu(), state[name])).nonzero().flatten()
             if diff.numel():

@@ -370,6 +370,30 @@ def test_verify_is_not_fooled_by_another_editors_new_edit(model_dir: Path) -> No
         assert ed2.verify() == []
 
 
+def test_verify_is_not_fooled_by_an_edit_committed_while_it_runs(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process commits an edit after verify has synced the live rows and
+    before it reads the events: the new event is replayed and checked, but the
+    live rows are compared with the replay they reflect (found by a T = 10,000
+    run being verified from a second process)."""
+    reqs = requests(model_dir)
+    with Editor.open(model_dir) as ed1, Editor.open(model_dir) as ed2:
+        ed1.apply(reqs[0], max_steps=STEPS, allow_failed=True)
+        real = ed2.refresh
+        late: list[str] = []
+
+        def refresh_then_commit() -> None:
+            real()
+            if not late:  # verify's own refresh: the other editor commits just after it
+                late.append(ed1.apply(reqs[1], max_steps=STEPS, allow_failed=True).id)
+
+        monkeypatch.setattr(ed2, "refresh", refresh_then_commit)
+        assert ed2.verify() == []
+        assert late  # the commit did land inside verify
+        monkeypatch.undo()
+        assert ed2.live_edits()[-1] == late[0]  # the next refresh takes it
+        assert ed2.verify() == []
+
+
 # ---------------------------------------------------- foreign/corrupt ledgers
 def test_a_ledger_of_another_base_is_refused(edited_dir: Path, tmp_path: Path) -> None:
     ck = load_checkpoint(edited_dir)
