@@ -102,6 +102,8 @@ SUBSTITUTIONS: list[tuple[str, str, str]] = [
      "the demo's `small` recipe takes ~1.5 min; `tiny` takes seconds"),
     (r"knowedit train small\b", "knowedit train tiny",
      "`small` takes ~1.5 min on 2 cores; `tiny` seconds"),
+    (r"knowedit train large\b", "knowedit train tiny",
+     "`large` trains for 90 minutes on one core; `tiny` seconds"),
     (r"^knowedit train tiny --out (runs/[\w.-]+)(?: -q| --json| threads=1)*(?: +#.*)?$",
      r'mkdir -p "$(dirname \1)" && cp -r "$DOCS_TINY_MODEL" \1',
      "the session's tiny model (conftest's tiny_ckpt) is this command's output: copied, not "
