@@ -135,6 +135,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from knowedit.config import load_train_config
+    from knowedit.errors import KnoweditError
     from knowedit.recipes.train import train
 
     specs = getattr(args, "runs", None) or []
@@ -145,9 +146,15 @@ def main() -> None:
             cfg.out = str(model)
             train(cfg, progress=False)
         specs = [{"model": model, "edits": None}]
+    for s in specs:
+        if not (s["model"] / "model.safetensors").is_file():
+            raise SystemExit(f"error: {s['model']} is not a checkpoint directory (no model.safetensors)")
     work = Path(tempfile.mkdtemp(prefix="knowedit-bench-"))
     try:
-        runs = [_Run(s["model"], s["edits"], args.n, work, i) for i, s in enumerate(specs)]
+        try:
+            runs = [_Run(s["model"], s["edits"], args.n, work, i) for i, s in enumerate(specs)]
+        except KnoweditError as err:  # a bad records file or checkpoint: one line, not a traceback
+            raise SystemExit(f"error: {err}") from None
         for run in runs:
             run.warm_up()
         n = min(len(run.reqs) for run in runs)
