@@ -27,6 +27,7 @@ from knowedit.data.records import EditRequest, Example, requests_from
 from knowedit.errors import FileAccessError, KnoweditError
 from knowedit.events import event_requests
 from knowedit.guards import GuardBuilder
+from knowedit.heap import release_large_buffers
 from knowedit.inference import PromptError, encode_pair, greedy, teacher_forced
 from knowedit.ledger import (
     APPLY_KINDS,
@@ -174,6 +175,7 @@ class Editor:
         self.author = author
         self._background = background
         self._load_background: Callable[[], tuple[SlotStats | None, list[Example], str]] | None = None
+        release_large_buffers()  # an editing process's large temporaries go back to the system (knowedit.heap)
         self.search = KeySearch(self.model)
         self.pools = {p.name: p.values for p in self.model.pools.values()}
         self.base = {name: v.detach().clone() for name, v in self.pools.items()}
