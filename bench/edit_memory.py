@@ -83,7 +83,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from edit_scale import parse_option  # this folder is on sys.path when run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # also under `python -P`, which leaves this folder out
+    from edit_scale import parse_option
 
     from knowedit.data import load_records
     from knowedit.editor import Editor
