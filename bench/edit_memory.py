@@ -88,15 +88,25 @@ def main() -> None:
 
     from knowedit.data import load_records
     from knowedit.editor import Editor
+    from knowedit.errors import KnoweditError
 
     options = dict(parse_option(o) for o in args.option)
     edits = args.edits
     if args.work is not None:
-        settings = json.loads((args.work / "state.json").read_text())["settings"]
+        state = args.work / "state.json"
+        try:
+            settings = json.loads(state.read_text())["settings"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            sys.exit(f"error: {state}: not the state of a bench/edit_scale.py --work run ({type(err).__name__}: {err})")
         args.model = args.work / "model"
         edits = edits or Path(settings["edits"])
         options = options or settings["options"]
-    records = load_records(edits or (args.model / "edits.jsonl"))
+    if not (args.model / "model.safetensors").is_file():
+        sys.exit(f"error: {args.model} is not a checkpoint directory (no model.safetensors)")
+    try:
+        records = load_records(edits or (args.model / "edits.jsonl"))
+    except KnoweditError as err:
+        sys.exit(f"error: {err}")
     with tempfile.TemporaryDirectory(prefix="edit_memory.") as tmp:
         model = Path(tmp) / "model"
         copy_model(args.model, model)
