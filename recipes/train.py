@@ -263,6 +263,12 @@ class MemoryLMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_resumable(checkpoint.get("knowedit_config"), self.cfg)
+        epoch = int(checkpoint.get("epoch", 0))
+        if 0 <= self.cfg.max_epochs < epoch:  # Lightning would refuse it later, with a traceback
+            raise ConfigError(
+                f"cannot resume with max_epochs={self.cfg.max_epochs}: the run's checkpoint is at epoch {epoch}; "
+                f"give max_epochs={epoch} or more"
+            )
 
 
 def length_parts(batch: Batch, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -109,7 +109,8 @@ SUBSTITUTIONS: list[tuple[str, str, str]] = [
      "the session's tiny model (conftest's tiny_ckpt) is this command's output: copied, not "
      "trained again (`knowedit demo` and the counterfact recipe still train here)"),
     (r"\bmax_minutes=\d+", "max_minutes=1", "hour-long trainings: stop after a minute at most"),
-    (r"\bmax_epochs=[1-9]\d+", "max_epochs=2", "hour-long trainings (10 epochs or more): two"),
+    (r"\bmax_epochs=[1-9]\d+(?![^\n]*--resume)", "max_epochs=2",
+     "hour-long trainings (10 epochs or more): two (a --resume keeps its own: it goes on from the run before)"),
     (r"PATH/counterfact-train\.json", "counterfact-train.json",
      "the real CounterFact file is outside the project: the hand-made records"),
     (r"(?<![\w.])/tmp/", "tmp/", "keep every file inside the test's working directory"),

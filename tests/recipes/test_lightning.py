@@ -19,7 +19,7 @@ from cli_helpers import clean_failure
 from typer.testing import CliRunner
 
 from knowedit.cli.app import app
-from knowedit.config import load_train_config
+from knowedit.config import ConfigError, load_train_config
 from knowedit.recipes.train import (
     RESUME_FILE,
     VALUE_OPTIMIZERS,
@@ -182,6 +182,14 @@ def test_resume_extends_a_finished_run(tmp_path: Path) -> None:
     _train(tmp_path / "run", "max_epochs=2")
     report = _train(tmp_path / "run", "max_epochs=4", resume=True)
     assert report["epochs"] == 4 and report["steps"] == 4 * 2 * 8  # 8 batches, two optimizer steps each
+
+
+def test_resume_below_the_epochs_done_is_refused_as_a_config_error(tmp_path: Path) -> None:
+    """Lightning itself would refuse it later, with a traceback (a ConfigError is one CLI line)."""
+    out = tmp_path / "run"
+    _train(out, "max_epochs=3")
+    with pytest.raises(ConfigError, match=r"cannot resume with max_epochs=1: the run's checkpoint is at epoch 2"):
+        _train(out, "max_epochs=1", resume=True)
 
 
 @pytest.mark.slow
