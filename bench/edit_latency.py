@@ -134,6 +134,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from knowedit.checkpoint import check_checkpoint_dir
     from knowedit.config import load_train_config
     from knowedit.errors import KnoweditError
     from knowedit.recipes.train import train
@@ -146,9 +147,11 @@ def main() -> None:
             cfg.out = str(model)
             train(cfg, progress=False)
         specs = [{"model": model, "edits": None}]
-    for s in specs:
-        if not (s["model"] / "model.safetensors").is_file():
-            raise SystemExit(f"error: {s['model']} is not a checkpoint directory (no model.safetensors)")
+    try:
+        for s in specs:
+            check_checkpoint_dir(s["model"])
+    except KnoweditError as err:
+        raise SystemExit(f"error: {err}") from None
     work = Path(tempfile.mkdtemp(prefix="knowedit-bench-"))
     try:
         try:

@@ -86,6 +86,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # also under `python -P`, which leaves this folder out
     from edit_scale import parse_option
 
+    from knowedit.checkpoint import check_checkpoint_dir
     from knowedit.data import load_records
     from knowedit.editor import Editor
     from knowedit.errors import KnoweditError
@@ -101,9 +102,8 @@ def main() -> None:
         args.model = args.work / "model"
         edits = edits or Path(settings["edits"])
         options = options or settings["options"]
-    if not (args.model / "model.safetensors").is_file():
-        sys.exit(f"error: {args.model} is not a checkpoint directory (no model.safetensors)")
     try:
+        check_checkpoint_dir(args.model)
         records = load_records(edits or (args.model / "edits.jsonl"))
     except KnoweditError as err:
         sys.exit(f"error: {err}")
