@@ -40,6 +40,11 @@ class MemoryConfig:
     """Memory+ gating: ``out = W2((sum w V) * silu(W1 x))`` (Berges et al. 2024)."""
     qk_norm: bool = True
     """Normalise queries and keys; Berges et al. found it helps small models."""
+    query_bn: bool = False
+    """Batch-normalise the queries before the key search (Lample et al. 2019): it
+    spreads the reads over the slots. It trains with the query projection only;
+    while that projection is frozen (value-only learning, editing) it uses its
+    running statistics, so nothing but value rows ever changes there."""
     shared_values: bool = False
     """One value pool serves every memory layer (passed as a module, never a global).
     Off by default: separate pools used more of their slots in our runs, and an

@@ -283,6 +283,7 @@ class ProductKeyMemory(nn.Module):
         value_dim = pool.value_dim
         self.query = nn.Linear(d_model, cfg.heads * cfg.key_dim, bias=False)
         self.keys = nn.Parameter(torch.randn(cfg.heads, 2, cfg.n_keys, cfg.key_dim // 2))
+        self.query_bn = nn.BatchNorm1d(cfg.heads * cfg.key_dim) if cfg.query_bn else None
         if cfg.swilu:
             self.gate = nn.Linear(d_model, value_dim, bias=False)
             self.out = nn.Linear(value_dim, d_model, bias=False)
@@ -296,11 +297,31 @@ class ProductKeyMemory(nn.Module):
 
     def queries(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, d_model) -> (B, T, H, key_dim) queries, per-half normalised with qk-norm."""
-        q = self.query(x).unflatten(-1, (self.cfg.heads, self.cfg.key_dim))  # (B, T, H, Dk)
+        q = self.query(x)
+        if self.query_bn is not None:
+            q = self._batch_norm(q)
+        q = q.unflatten(-1, (self.cfg.heads, self.cfg.key_dim))  # (B, T, H, Dk)
         if self.cfg.qk_norm:
             half = self.cfg.key_dim // 2
             q = torch.cat([_rms(q[..., :half]), _rms(q[..., half:])], dim=-1)
         return q
+
+    def _batch_norm(self, q: torch.Tensor) -> torch.Tensor:
+        """``query_bn`` over every position of ``q`` (..., H*Dk). Batch statistics (and
+        running-statistics updates) only while training with the query projection
+        trainable; otherwise the running statistics, so value-only learning and
+        editing leave the layer's buffers as they were."""
+        bn = self.query_bn
+        assert bn is not None
+        batch_stats = self.training and self.query.weight.requires_grad and torch.is_grad_enabled()
+        flat = q.reshape(-1, q.shape[-1])
+        out = F.batch_norm(
+            flat, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+            training=batch_stats, momentum=bn.momentum if bn.momentum is not None else 0.1, eps=bn.eps,
+        )
+        if batch_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+        return out.view_as(q)
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, slot ids and softmax weights for ``x`` (B, T, d_model).

@@ -426,6 +426,8 @@ def check_settings(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.length_buckets must be >= 1, got {cfg.data.length_buckets}")
     world = world_size(cfg)
     if world > 1:
+        if cfg.model.memory.query_bn:
+            raise ConfigError("model.memory.query_bn is not supported with several processes (its statistics would differ per rank)")
         check_memory_parallel(cfg, world)
     known = [k for k in inspect.signature(L.Trainer.__init__).parameters if k != "self"]
     for key in cfg.trainer:

@@ -314,3 +314,41 @@ def test_learning_with_guard_docs_commits_and_keeps_more_of_the_background(model
     assert guarded["events"] and guarded["acquisition"] > 0.5
     # forgetting of the background at least halves (here 19% -> 7%)
     assert base_acc - kept["guarded"] <= 0.5 * (base_acc - kept["plain"]), (base_acc, kept, plain["acquisition"])
+
+
+def test_a_query_bn_model_round_trips_and_only_its_value_rows_ever_change(tmp_path: Path, runner: CliRunner) -> None:
+    """``model.memory.query_bn``: the batch-norm statistics are saved and loaded with
+    the model, and neither learning nor editing changes them (they train with the
+    query projection only), so revert stays bit for bit."""
+    from knowedit.checkpoint import load_checkpoint
+    from knowedit.inference import greedy_exact
+
+    out = tmp_path / "bn"
+    res = runner.invoke(app, ["train", "tiny", "model.memory.query_bn=true", "logger=none", "threads=1", "--out", str(out), "-q", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["train_greedy_accuracy"] >= 0.95
+    ck = load_checkpoint(out)
+    bns = [m.query_bn for m in ck.model.memory_layers()]
+    assert bns and all(bn is not None and int(bn.num_batches_tracked) > 0 for bn in bns)
+    # Trained statistics, not the initial ones, come back from the file.
+    assert all(not torch.equal(bn.running_var, torch.ones_like(bn.running_var)) for bn in bns)  # type: ignore[union-attr]
+    state = {n: t.clone() for n, t in ck.model.state_dict().items()}
+    values = {n for n, t in ck.model.state_dict().items() if any(t.data_ptr() == v.data_ptr() for v in ck.model.value_parameters())}
+    data = tmp_path / "new.jsonl"
+    rows = [r.to_dict() for r in load_records(out / "edits.jsonl")[:8]]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples, _ = load_learning_data(data)
+    report = learn(out, data, load_learn_config(None, ["epochs=15", "batch_size=4", "lr=20", "top_t=32", "threads=1"]), progress=False)
+    assert report["acquisition"] > sum(greedy_exact(ck.model, ck.codec, examples)) / len(examples)
+    with Editor.open(out) as ed:
+        r = load_records(out / "edits.jsonl")[8]
+        rec = ed.edit(r.prompt, r.target_new, subject=r.subject, allow_failed=True)
+        now = ed.model.state_dict()
+        changed = {n for n in state if not torch.equal(now[n], state[n])}
+        assert changed and changed <= values, changed - values
+        ed.revert(rec.id)
+        for ev in [e for e in ed.history() if e.kind == "learn"]:
+            ed.revert(ev.edit_id, cascade=True)
+        now = ed.model.state_dict()
+        assert all(torch.equal(now[n], state[n]) for n in state)
+        assert ed.verify() == []

@@ -192,6 +192,53 @@ def test_layer_matches_reference_paths(
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+# --- query batch norm ------------------------------------------------------------------
+
+
+def _bn_memory() -> ProductKeyMemory:
+    cfg = MemoryConfig(n_keys=8, heads=2, topk=4, key_dim=16, query_bn=True)
+    torch.manual_seed(0)
+    return ProductKeyMemory(12, cfg, ValuePool(64, 12), layer=0)
+
+
+def _bn_buffers(mem: ProductKeyMemory) -> dict[str, torch.Tensor]:
+    assert mem.query_bn is not None
+    return {n: b.clone() for n, b in mem.query_bn.named_buffers()}
+
+
+def test_query_bn_trains_with_the_query_projection_and_only_then() -> None:
+    """Batch statistics, and updates of the running ones, only while the query
+    projection trains; frozen (value-only learning) or without gradients the layer
+    reads its running statistics and changes no buffer."""
+    mem = _bn_memory().train()
+    x = torch.randn(3, 5, 12) * 4 + 2
+    before = _bn_buffers(mem)
+    mem(x).sum().backward()
+    after = _bn_buffers(mem)
+    assert int(after["num_batches_tracked"]) == 1
+    assert not torch.equal(after["running_mean"], before["running_mean"])
+    assert mem.query_bn.weight.grad is not None  # type: ignore[union-attr]
+    # Frozen query projection, still in train mode: the running statistics, unchanged.
+    mem.query.weight.requires_grad_(False)
+    frozen = mem(x)
+    frozen.sum().backward()
+    assert all(torch.equal(b, after[n]) for n, b in _bn_buffers(mem).items())
+    with torch.no_grad():
+        evald = mem.eval()(x)
+    torch.testing.assert_close(frozen.detach(), evald)
+    # Trainable but under no_grad (scoring during training): no update either.
+    mem.query.weight.requires_grad_(True)
+    mem.train()
+    with torch.no_grad():
+        mem(x)
+    assert all(torch.equal(b, after[n]) for n, b in _bn_buffers(mem).items())
+    # The normalisation changes what the queries select (else the option would do nothing).
+    plain = ProductKeyMemory(12, MemoryConfig(n_keys=8, heads=2, topk=4, key_dim=16), mem.pool, layer=0)
+    plain.load_state_dict({k: v for k, v in mem.state_dict().items() if not k.startswith("query_bn.")}, strict=False)
+    with torch.no_grad():
+        assert not torch.equal(plain.eval().select(x)[1], mem.eval().select(x)[1])
+
+
 # --- sparse value gradients ------------------------------------------------------------
 
 

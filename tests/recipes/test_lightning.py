@@ -75,6 +75,7 @@ def test_trainer_key_passes_through(tmp_path: Path) -> None:
         ("trainer.num_nodes=0", ["trainer.num_nodes must be a positive whole number"]),
         ("trainer.devices=2 optim.value_optimizer=rowwise_adagrad", ["rowwise_adagrad keeps one state per whole row"]),
         ("trainer.max_epochs=abc", ["trainer.max_epochs", "abc"]),
+        ("trainer.devices=2 model.memory.query_bn=true", ["model.memory.query_bn is not supported with several processes"]),
         ("optim.value_optimizer=adam", ["optim.value_optimizer must be one of sparse_adam, sparse_sgd, rowwise_adagrad"]),
         ("logger=wandb", ["unknown logger 'wandb'"]),
     ],
