@@ -15,6 +15,9 @@ to the first model's. ``--edits FILE`` (EasyEdit records) sets the edits of
 the ``--model`` just before it (default: that model's ``edits.jsonl``):
 
     python bench/edit_latency.py --model runs/small --model runs/cf10k --edits PATH/counterfact-train.json --n 100 --threads 1
+
+``--option KEY=VALUE`` (repeatable) passes edit options (docs/editing.md) to
+every model's edits.
 """
 
 from __future__ import annotations
@@ -55,11 +58,12 @@ class _ModelAction(argparse.Action):
 class _Run:
     """One model's copy, its editor and its timings."""
 
-    def __init__(self, model: Path, edits: Path | None, n: int, root: Path, index: int) -> None:
+    def __init__(self, model: Path, edits: Path | None, n: int, root: Path, index: int, options: dict) -> None:
         from knowedit.data import load_records
         from knowedit.editor import Editor
 
         self.model = model
+        self.options = options
         self.dir = root / f"m{index}"
         shutil.copytree(model, self.dir, ignore=shutil.ignore_patterns("ledger.db*", "logs", "checkpoints"))
         self.reqs = load_records(edits or self.dir / "edits.jsonl", limit=n)
@@ -72,6 +76,7 @@ class _Run:
         self.ledger: list[float] = []
         self.ok: list[bool] = []
         self.steps: list[int] = []
+        self.guards: list[int] = []
         self.ids: list[str] = []
         self.rev: list[float] = []
         self.warm_ms = 0.0
@@ -81,18 +86,19 @@ class _Run:
         and timed again with the others."""
         r = self.reqs[0]
         t0 = time.perf_counter()
-        rec = self.ed.edit(r.prompt, r.target_new, subject=r.subject, allow_failed=True)
+        rec = self.ed.edit(r.prompt, r.target_new, subject=r.subject, allow_failed=True, **self.options)
         self.warm_ms = (time.perf_counter() - t0) * 1000
         self.ed.revert(rec.id)
 
     def apply(self, i: int) -> None:
         r = self.reqs[i]
         t0 = time.perf_counter()
-        rec = self.ed.edit(r.prompt, r.target_new, subject=r.subject, allow_failed=True)  # success is counted
+        rec = self.ed.edit(r.prompt, r.target_new, subject=r.subject, allow_failed=True, **self.options)  # success is counted
         self.wall.append((time.perf_counter() - t0) * 1000)
         self.ledger.append(rec.metrics["ledger_ms"])
         self.ok.append(rec.metrics["success"])
         self.steps.append(rec.metrics["steps"])
+        self.guards.append(int(rec.metrics.get("guards", 0)))
         self.ids.append(rec.id)
 
     def revert_all(self) -> dict:
@@ -112,6 +118,8 @@ class _Run:
             "edit_ms_median": round(statistics.median(wall), 1),
             "edit_ms_p95": round(pct(wall, 0.95), 1),
             "edit_steps_median": statistics.median(self.steps),
+            "guards_median": statistics.median(self.guards),
+            "options": self.options,
             "success_rate": sum(self.ok) / len(self.ok),
             "ledger_share_median": round(statistics.median(lg / w for lg, w in zip(ledger, wall)), 4),
             "ledger_share_total": round(sum(ledger) / sum(wall), 4),
@@ -129,6 +137,7 @@ def main() -> None:
     ap.add_argument("--edits", action=_ModelAction, help="EasyEdit records for the --model before it (default: MODEL/edits.jsonl)")
     ap.add_argument("--n", type=int, default=100, help="edits to apply (per model)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--option", action="append", default=[], help="edit option KEY=VALUE for every model (repeatable)")
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -147,15 +156,22 @@ def main() -> None:
             cfg.out = str(model)
             train(cfg, progress=False)
         specs = [{"model": model, "edits": None}]
+    from knowedit.cli.common import parse_options
+    from knowedit.edit_options import EditOptions
+
     try:
+        options = parse_options(args.option)
+        EditOptions.from_mapping(options)
         for s in specs:
             check_checkpoint_dir(s["model"])
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     except KnoweditError as err:
         raise SystemExit(f"error: {err}") from None
     work = Path(tempfile.mkdtemp(prefix="knowedit-bench-"))
     try:
         try:
-            runs = [_Run(s["model"], s["edits"], args.n, work, i) for i, s in enumerate(specs)]
+            runs = [_Run(s["model"], s["edits"], args.n, work, i, options) for i, s in enumerate(specs)]
         except KnoweditError as err:  # a bad records file or checkpoint: one line, not a traceback
             raise SystemExit(f"error: {err}") from None
         for run in runs:
@@ -182,11 +198,11 @@ def main() -> None:
         res = {**head, "interleaved": True, "models": results}
     print(json.dumps(res, indent=2))
     print()
-    print("| model | edits | edit median ms | edit p95 ms | steps (median) | success | ledger share | revert median ms | revert p95 ms | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | edits | edit median ms | edit p95 ms | steps (median) | guards (median) | success | ledger share | revert median ms | revert p95 ms | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
-            f"| {r['model']} | {r['edits']} | {r['edit_ms_median']} | {r['edit_ms_p95']} | {r['edit_steps_median']} | "
+            f"| {r['model']} | {r['edits']} | {r['edit_ms_median']} | {r['edit_ms_p95']} | {r['edit_steps_median']} | {r['guards_median']:g} | "
             f"{r['success_rate']:.2f} | {r['ledger_share_median']:.1%} | {r['revert_ms_median']} | {r['revert_ms_p95']} | "
             f"{r.get('ratio_to_first', 1.0):.2f} |"
         )
