@@ -32,6 +32,10 @@ class EditOptions:
     idf_source: str = "any"
     """Background usage for ranking: documents reading a slot at ``any`` position
     (Lin et al. 2025) or only where they predict their ``answer``."""
+    max_df: float = 1.0
+    """Slots read by more than this share of the background documents (hubs) are not
+    edited. Every background reader of an edited slot is guarded, so hubs make an
+    edit slow; fewer, rarer rows also generalise less (docs/benchmarks.md). 1: no limit."""
     lr: float = 1.0
     """Adam step size for the rows."""
     beta1: float = 0.5
@@ -107,6 +111,7 @@ class EditOptions:
             (math.isfinite(opts.guard_margin) and opts.guard_margin >= 0, "guard_margin must be >= 0"),
             (opts.guard_facts >= 0, "guard_facts must be >= 0"),
             (opts.guard_reads >= 0, "guard_reads must be >= 0"),
+            (0 < opts.max_df <= 1, "max_df must be in (0, 1]"),
             (0 < opts.null_rtol < 1, "null_rtol must be in (0, 1)"),
             (opts.layers in ("last", "all"), "layers must be 'last' or 'all'"),
             (opts.idf_source in ("any", "answer"), "idf_source must be 'any' or 'answer'"),

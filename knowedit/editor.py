@@ -626,6 +626,8 @@ class Editor:
         primary = [Example(r.prompt.strip(), r.target_new.strip()) for r in reqs]
         cophrases = self._cophrases(reqs, opts)
         located = self._locate_all([([ex, *co], r.subject) for r, ex, co in zip(reqs, primary, cophrases)], opts)
+        if opts.max_df < 1 and self.stats is not None:
+            located = [self._without_hubs(r, ranked, opts.max_df) for r, ranked in zip(reqs, located)]
         ranked_ms = (time.perf_counter() - t0) * 1000
         att = self._attempt_once(reqs, opts, primary, cophrases, located)
         if not att.metrics["success"] and opts.retry_top_t > opts.top_t:
@@ -637,6 +639,19 @@ class Editor:
         att.compute_ms += ranked_ms
         att.metrics["compute_ms"] = round(att.compute_ms, 2)
         return att
+
+    def _without_hubs(self, req: EditRequest, ranked: list[SlotScore], max_df: float) -> list[SlotScore]:
+        """``ranked`` without the slots more than ``max_df`` of the background documents read."""
+        stats = self.stats
+        assert stats is not None
+        cap = max_df * stats.n_docs
+        kept = [sc for sc in ranked if float(stats.df[sc.pool][sc.slot]) <= cap]
+        if not kept:
+            raise EditError(
+                f"no slot left to edit for {req.prompt!r}: every candidate slot is read by more than "
+                f"max_df={max_df:g} of the background documents; raise max_df"
+            )
+        return kept
 
     def _attempt_once(
         self, reqs: list[EditRequest], opts: EditOptions, primary: list[Example],

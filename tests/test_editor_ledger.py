@@ -459,6 +459,9 @@ BAD_EDITS = [
     pytest.param(_bad(options={"conflict": "merge"}), EditError, id="bad-conflict"),
     pytest.param(_bad(options={"layers": "middle"}), EditError, id="bad-layers"),
     pytest.param(_bad(options={"idf_source": "bogus"}), EditError, id="bad-idf-source"),
+    pytest.param(_bad(options={"max_df": 0.0}), EditError, id="max_df-0"),
+    pytest.param(_bad(options={"max_df": 1.5}), EditError, id="max_df-above-1"),
+    pytest.param(_bad(options={"max_df": 1e-9}), EditError, id="max_df-leaves-no-slot"),
     pytest.param(_bad(options={"lr": float("nan")}), EditError, id="nan-lr"),
     pytest.param(_bad(subject="Nobody In Particular"), EditError, id="subject-not-in-prompt"),
     pytest.param(

@@ -143,3 +143,26 @@ def test_live_reads_add_discard_and_compact_against_a_plain_list() -> None:
         check(live, torch.randint(0, 20, (4,), generator=rng))
     lr.clear()
     assert len(lr) == 0 and lr.reading(torch.tensor([1]), 8, set())[1].shape == (0, 8)
+
+
+def test_max_df_edits_no_hub_and_guards_fewer_positions(editor: Editor) -> None:
+    """``max_df``: every edited slot is read by at most that share of the background
+    documents, the edit still passes with its guards kept, and it guards fewer
+    positions than the same edit with hubs allowed (the option's purpose)."""
+    from knowedit.inference import greedy
+
+    stats = editor.stats
+    assert stats is not None
+    req = load_records(editor.ck.path / "edits.jsonl")[1]
+    others = [d.prompt for d in editor.docs if req.subject not in d.prompt]
+    before = greedy(editor.model, editor.codec, others)
+    full = editor.edit(req.prompt, req.target_new, subject=req.subject)
+    editor.revert(full.id)
+    dfs = sorted(float(stats.df[p][s]) / stats.n_docs for p, s in full.slots)
+    cut = dfs[len(dfs) // 2]  # half of the default edit's rows are above it
+    rec = editor.edit(req.prompt, req.target_new, subject=req.subject, max_df=cut, max_steps=300)
+    assert rec.metrics["success"] and rec.metrics["guard_flips"] == 0
+    assert all(float(stats.df[p][s]) <= cut * stats.n_docs for p, s in rec.slots)
+    assert rec.metrics["guards"] < full.metrics["guards"]
+    assert greedy(editor.model, editor.codec, others) == before
+    assert editor.verify() == []
