@@ -128,11 +128,11 @@ def stats(
         emit_json(out)
         return
     table = Table(title=f"slot usage over {st.n_docs} documents")
-    for col in ("pool", "slots", "used fraction", "KL(usage || uniform)"):
+    for col in ("pool", "slots", "used fraction", "KL(usage || uniform)", "share on the top 1% of slots"):
         table.add_column(col)
     for p in st.df:
         u = st.usage(p)
-        table.add_row(p, str(st.df[p].numel()), f"{u['used_fraction']:.3f}", f"{u['kl_uniform']:.3f}")
+        table.add_row(p, str(st.df[p].numel()), f"{u['used_fraction']:.3f}", f"{u['kl_uniform']:.3f}", f"{u['top1pct_share']:.3f}")
     console.print(table)
 
 

@@ -365,15 +365,18 @@ def usage_metrics(counts: torch.Tensor) -> dict[str, float]:
         counts: (N,) non-negative access counts or summed weights.
 
     Returns:
-        ``used_fraction`` (share of slots accessed at all) and ``kl_uniform``
-        (KL(usage || uniform) in nats; 0 is perfectly even use).
+        ``used_fraction`` (share of slots accessed at all), ``kl_uniform``
+        (KL(usage || uniform) in nats; 0 is perfectly even use) and
+        ``top1pct_share`` (share of the mass on the most-used 1% of slots, at least
+        one: 0.01 is even use; hubs that most reads go to push it towards 1).
     """
     counts = counts.double().clamp_min(0)
     n = counts.numel()
     total = counts.sum()
     if n == 0 or total <= 0:
-        return {"used_fraction": 0.0, "kl_uniform": 0.0}
+        return {"used_fraction": 0.0, "kl_uniform": 0.0, "top1pct_share": 0.0}
     p = counts / total
     nz = p[p > 0]
     kl = float((nz * (nz * n).log()).sum())
-    return {"used_fraction": float((counts > 0).double().mean()), "kl_uniform": kl}
+    top = float(p.topk(max(1, n // 100)).values.sum())
+    return {"used_fraction": float((counts > 0).double().mean()), "kl_uniform": kl, "top1pct_share": top}

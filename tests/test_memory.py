@@ -404,6 +404,7 @@ def test_usage_metrics_uniform(n: int) -> None:
     m = usage_metrics(torch.full((n,), 3.0))
     assert m["used_fraction"] == 1.0
     assert abs(m["kl_uniform"]) < 1e-12
+    assert m["top1pct_share"] == pytest.approx(max(1, n // 100) / n)
 
 
 @pytest.mark.parametrize("n", [2, 7, 256])
@@ -413,10 +414,11 @@ def test_usage_metrics_one_hot(n: int) -> None:
     m = usage_metrics(counts)
     assert m["used_fraction"] == pytest.approx(1 / n)
     assert m["kl_uniform"] == pytest.approx(math.log(n))
+    assert m["top1pct_share"] == pytest.approx(1.0)
 
 
 def test_usage_metrics_empty() -> None:
-    assert usage_metrics(torch.zeros(4)) == {"used_fraction": 0.0, "kl_uniform": 0.0}
+    assert usage_metrics(torch.zeros(4)) == {"used_fraction": 0.0, "kl_uniform": 0.0, "top1pct_share": 0.0}
 
 
 # --- row patches -----------------------------------------------------------------------------
