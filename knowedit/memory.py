@@ -367,8 +367,9 @@ def usage_metrics(counts: torch.Tensor) -> dict[str, float]:
     Returns:
         ``used_fraction`` (share of slots accessed at all), ``kl_uniform``
         (KL(usage || uniform) in nats; 0 is perfectly even use) and
-        ``top1pct_share`` (share of the mass on the most-used 1% of slots, at least
-        one: 0.01 is even use; hubs that most reads go to push it towards 1).
+        ``top1pct_share`` (share of the mass on the most-used 1% of the slots, at
+        least one slot: about 0.01 under even use; hubs that most reads go to push
+        it towards 1).
     """
     counts = counts.double().clamp_min(0)
     n = counts.numel()
