@@ -164,9 +164,7 @@ def main() -> None:
         EditOptions.from_mapping(options)
         for s in specs:
             check_checkpoint_dir(s["model"])
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-    except KnoweditError as err:
+    except (ValueError, KnoweditError) as err:  # a bad --option or checkpoint: one line, not a traceback
         raise SystemExit(f"error: {err}") from None
     work = Path(tempfile.mkdtemp(prefix="knowedit-bench-"))
     try:
